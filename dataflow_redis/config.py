@@ -1,0 +1,139 @@
+"""Run settings and backpressure levers: validated here, stored in the run's config hash.
+
+Each field is checked on its own here; the cross-field rule (low <= high) is checked
+again inside ``configure.lua`` against the merged stored config, so concurrent partial
+updates cannot combine into an invalid one. Every write bumps ``version``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, Optional
+
+from .errors import ConfigError
+
+# Defaults that apply when a field is unset (mirrored in lua/includes/util.lua).
+DEFAULT_MAX_RECORD_BYTES = 1 << 20
+DEFAULT_REPLY_TTL_S = 300.0
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Run-wide settings (``cp.configure(...)``). ``None`` means unset (the default)."""
+
+    max_prompt_attempts: Optional[int] = None
+    """A task runs at attempts 0 .. n-1, then is dead-lettered. None: retry forever."""
+    max_record_bytes: Optional[int] = None
+    """Largest record JSON accepted, in bytes. None: 1 MiB."""
+    reply_ttl_s: Optional[float] = None
+    """How long a mutating call's reply is kept for safe retries, seconds. None: 300."""
+
+
+@dataclass(frozen=True)
+class BackpressureConfig:
+    """The backpressure levers; every one optional (None disables it).
+
+    ``high_watermark_bytes`` given without ``low_watermark_bytes`` means low = high (no
+    hysteresis band; the latch then resumes only strictly below the threshold).
+    """
+
+    high_watermark_bytes: Optional[int] = None
+    low_watermark_bytes: Optional[int] = None
+    max_inflight_prompts_per_worker: Optional[int] = None
+    max_train_lease: Optional[int] = None
+    default_task_bytes: Optional[int] = None
+    """Bytes reserved per leased task that carries no ``estimated_bytes``. None: 0."""
+    stale_after_s: Optional[float] = None
+    """A shard silent this long (seconds) shows as stale. None: never stale."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _check_field(f.name, getattr(self, f.name))
+        high, low = self.high_watermark_bytes, self.low_watermark_bytes
+        if low is not None and high is None:
+            raise ConfigError("low_watermark_bytes needs high_watermark_bytes; set both")
+        if high is not None and low is not None and low > high:
+            raise ConfigError(
+                f"low_watermark_bytes {low} > high_watermark_bytes {high}; the low watermark "
+                "must not exceed the high one"
+            )
+        if high is not None and low is None:
+            object.__setattr__(self, "low_watermark_bytes", high)
+
+    @property
+    def enabled(self) -> bool:
+        return any(getattr(self, f.name) is not None for f in fields(self) if f.name in LEVERS)
+
+
+LEVERS = ("high_watermark_bytes", "low_watermark_bytes", "max_inflight_prompts_per_worker",
+          "max_train_lease", "default_task_bytes")
+
+# field -> (kind, minimum)
+_RULES: dict[str, tuple[type, float]] = {
+    "max_prompt_attempts": (int, 1),
+    "max_record_bytes": (int, 256),
+    "reply_ttl_s": (float, 1.0),
+    "high_watermark_bytes": (int, 1),
+    "low_watermark_bytes": (int, 0),
+    "max_inflight_prompts_per_worker": (int, 1),
+    "max_train_lease": (int, 1),
+    "default_task_bytes": (int, 0),
+    "stale_after_s": (float, 0.001),
+}
+MAX_INT = 2**53  # Lua numbers are doubles: larger integers lose precision.
+
+
+def _check_field(name: str, value: Any) -> None:
+    if name not in _RULES:
+        raise ConfigError(f"unknown config field {name!r}; known: {', '.join(sorted(_RULES))}")
+    if value is None:
+        return
+    kind, minimum = _RULES[name]
+    if kind is int:
+        ok = type(value) is int and minimum <= value <= MAX_INT
+        want = f"an integer >= {minimum:g}"
+    else:
+        ok = (type(value) in (int, float) and math.isfinite(value) and minimum <= value <= MAX_INT)
+        want = f"a number >= {minimum:g}"
+    if not ok:
+        raise ConfigError(f"{name} must be {want} or None, got {value!r}")
+
+
+def parse_value(name: str, text: str) -> Any:
+    """Parse a CLI string (``none`` unsets) into the field's type, validated."""
+    if name not in _RULES:
+        raise ConfigError(f"unknown config field {name!r}; known: {', '.join(sorted(_RULES))}")
+    if text.strip().lower() in ("none", "null", ""):
+        return None
+    kind, _ = _RULES[name]
+    try:
+        value: Any = int(text) if kind is int else float(text)
+    except ValueError:
+        raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    _check_field(name, value)
+    return value
+
+
+def to_redis_pairs(values: Mapping[str, Any]) -> list[str]:
+    """Flatten {field: value} into configure.lua's ARGV pairs ('' unsets a field)."""
+    out: list[str] = []
+    for name, value in values.items():
+        _check_field(name, value)
+        out += [name, "" if value is None else repr(value) if isinstance(value, float) else str(value)]
+    return out
+
+
+def from_redis(raw: Mapping[str, str]) -> tuple[RunSettings, BackpressureConfig, int]:
+    """Build (run settings, backpressure config, version) from the stored config hash."""
+
+    def value(name: str) -> Any:
+        text = raw.get(name)
+        if text is None:
+            return None
+        kind, _ = _RULES[name]
+        return int(text) if kind is int else float(text)
+
+    run = RunSettings(**{f.name: value(f.name) for f in fields(RunSettings)})
+    bp = BackpressureConfig(**{f.name: value(f.name) for f in fields(BackpressureConfig)})
+    return run, bp, int(raw.get("version", 0))

@@ -1,0 +1,269 @@
+"""ControlPlane: the handle on one run's state in Redis, and the factory of its clients.
+
+| method                     | script                      |
+|----------------------------|-----------------------------|
+| configure / configure_backpressure | lua/configure.lua   |
+| ingest_prompts             | lua/ingest_prompts.lua      |
+| enqueue_offline_refs       | lua/commit_samples.lua      |
+| reclaim_expired            | lua/reclaim_expired.lua     |
+| requeue_undurable          | lua/requeue_undurable.lua   |
+| requeue_dead_letters       | lua/requeue_dead_letter.lua |
+| pause / resume             | lua/set_operator_pause.lua  |
+| status                     | lua/status.lua              |
+| rollout_worker()           | dataflow_redis/rollout.py   |
+| trainer()                  | dataflow_redis/trainer.py   |
+| capacity_reporter()        | dataflow_redis/capacity.py  |
+
+Read-only inspection (events, leases, dead letters) uses plain reads: nothing to keep
+atomic there.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, fields
+from typing import Any, Iterable, Optional
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from . import _args
+from .capacity import CapacityReporter
+from .config import BackpressureConfig, RunSettings, from_redis, to_redis_pairs
+from .errors import ConfigError, InvalidArgument
+from .keys import DEFAULT_NAMESPACE, RunKeys
+from .records import SampleRef, check_refs, encode_ref, encode_task, task_from_input
+from .rollout import RolloutWorker
+from .scripts import ScriptRunner
+from .status import build_status
+from .trainer import Trainer
+
+INGEST_CHUNK = 1000
+"""Tasks per ingest script call: keeps each atomic step short (ingest is idempotent per id)."""
+
+
+def connect(url: str, **kwargs: Any) -> redis.Redis:
+    """A Redis client for ``url`` (redis://, rediss://, unix://; user and password in the
+    URL), decoding replies, with one immediate reconnect; the control plane's own
+    bounded retry with backoff sits above it."""
+    options = dict(decode_responses=True, socket_connect_timeout=5.0, socket_keepalive=True,
+                   health_check_interval=30, retry=Retry(NoBackoff(), 1))
+    options.update(kwargs)
+    try:
+        return redis.Redis.from_url(url, **options)
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"bad Redis URL: {exc}; use redis://[user:password@]host:port/db, rediss://... or unix:///path"
+        ) from None
+
+
+class ControlPlane:
+    """One run's control plane. Cheap to create; safe to share between threads (the
+    clients it makes are not)."""
+
+    def __init__(self, client: redis.Redis, run_id: str, namespace: str = DEFAULT_NAMESPACE,
+                 retry_s: float = 20.0) -> None:
+        self.keys = RunKeys(run_id, namespace)
+        self.run_id = run_id
+        self.redis = client
+        self._run = ScriptRunner(client, self.keys, _args.seconds(retry_s, "retry_s", 0.0, 3600.0))
+
+    @classmethod
+    def from_url(cls, url: str, run_id: str, namespace: str = DEFAULT_NAMESPACE,
+                 retry_s: float = 20.0, **redis_kwargs: Any) -> "ControlPlane":
+        """Connect to ``url`` (see :func:`connect`) and open run ``run_id``."""
+        return cls(connect(url, **redis_kwargs), run_id, namespace, retry_s)
+
+    # ----------------------------------------------------------------- config
+    def configure(self, **settings: Any) -> int:
+        """Set run settings (fields of :class:`RunSettings`; None unsets). Returns the
+        new config version. Validated before anything is written."""
+        known = {f.name for f in fields(RunSettings)}
+        unknown = set(settings) - known
+        if unknown:
+            raise ConfigError(f"unknown run setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        return int(self._run("configure", ["configure", *to_redis_pairs(settings)]))
+
+    def configure_backpressure(self, config: BackpressureConfig) -> int:
+        """Replace the backpressure levers with ``config`` (all-None disables the policy).
+        Takes effect on every client's next call. Returns the new config version."""
+        if not isinstance(config, BackpressureConfig):
+            raise ConfigError("configure_backpressure takes a BackpressureConfig")
+        return int(self._run("configure", ["configure_backpressure", *to_redis_pairs(asdict(config))]))
+
+    def set_config(self, reason: str, **values: Any) -> int:
+        """Change any config fields (run settings or levers) in one atomic step; the
+        cross-field rules are checked against the merged stored config."""
+        return int(self._run("configure", [_args.reason(reason), *to_redis_pairs(values)]))
+
+    def _config(self) -> tuple[RunSettings, BackpressureConfig, int]:
+        return from_redis({_args.text(k): _args.text(v) for k, v in self.redis.hgetall(self.keys.config).items()})
+
+    def settings(self) -> RunSettings:
+        """The stored run settings."""
+        return self._config()[0]
+
+    def backpressure_config(self) -> BackpressureConfig:
+        """The stored backpressure levers."""
+        return self._config()[1]
+
+    def config_version(self) -> int:
+        return self._config()[2]
+
+    # -------------------------------------------------------------- ingestion
+    def ingest_prompts(self, tasks: Iterable[Any], request_id: Optional[str] = None) -> list[str]:
+        """Append prompt tasks (PromptTask or dicts) to pending; ids are generated when
+        absent. Returns the ids that were fresh (an id already known is skipped).
+        Every task is validated before anything is written."""
+        if isinstance(tasks, (str, bytes, dict)):
+            raise InvalidArgument("tasks must be a list of PromptTask or dicts")
+        checked = [task_from_input(t, self.run_id) for t in tasks]
+        encoded = [(t.task_id, "" if t.estimated_bytes is None else t.estimated_bytes, encode_task(t))
+                   for t in checked]
+        request_id = request_id or uuid.uuid4().hex
+        fresh: list[str] = []
+        for start in range(0, len(encoded), INGEST_CHUNK):
+            chunk = encoded[start:start + INGEST_CHUNK]
+            args: list = [len(chunk)]
+            for item in chunk:
+                args.extend(item)
+            fresh += [_args.text(i) for i in self._run("ingest_prompts", args, f"{request_id}.{start}")]
+        return fresh
+
+    def enqueue_offline_refs(self, refs: Iterable[SampleRef], request_id: Optional[str] = None) -> list[str]:
+        """Put offline sample refs straight into the train queue. Returns fresh ids."""
+        checked = check_refs(refs, self.run_id)
+        args: list = ["", 1, len(checked)]
+        for ref in checked:
+            args += [ref.sample_id, ref.source_task_id or "", "", encode_ref(ref)]
+        return [_args.text(s) for s in self._run("commit_samples", args, request_id)]
+
+    # ---------------------------------------------------------------- clients
+    def rollout_worker(self, worker_id: Optional[str] = None, lease_s: float = 60.0) -> RolloutWorker:
+        """A rollout worker client; ``lease_s`` is its prompt lease duration in seconds."""
+        return RolloutWorker(self, worker_id, lease_s)
+
+    def trainer(self, trainer_id: Optional[str] = None, lease_s: float = 60.0) -> Trainer:
+        """A trainer client; ``lease_s`` is its train lease duration in seconds."""
+        return Trainer(self, trainer_id, lease_s)
+
+    def capacity_reporter(self, store_id: str) -> CapacityReporter:
+        """A capacity reporter for feature-store shard ``store_id``."""
+        return CapacityReporter(self, store_id)
+
+    # ------------------------------------------------------------- operations
+    def reclaim_expired(self, batch: int = 1000) -> int:
+        """Return every expired lease to its queue now. Returns how many were reclaimed."""
+        total = 0
+        while True:
+            prompts, samples = self._run("reclaim_expired", [batch])
+            total += prompts + samples
+            if prompts < batch and samples < batch:
+                return total
+
+    def requeue_undurable(self, after_step: Optional[int] = None, batch: int = 1000) -> int:
+        """Recovery: samples acked by non-durable acks at a step above ``after_step``
+        (default: the recorded durable_global_step) go back to the train queue."""
+        if after_step is not None and type(after_step) is not int:
+            raise InvalidArgument(f"after_step must be an int or None, got {after_step!r}")
+        total = 0
+        while True:
+            n = self._run("requeue_undurable", ["" if after_step is None else after_step, batch])
+            total += n
+            if n < batch:
+                return total
+
+    def pause(self, reason: str) -> bool:
+        """Operator pause: no prompt is leased until :meth:`resume`, whatever the
+        watermarks say. Returns False if already paused."""
+        return bool(self._run("set_operator_pause", [1, _args.reason(reason)]))
+
+    def resume(self, reason: str) -> bool:
+        """Lift the operator pause (the watermark latch still applies)."""
+        return bool(self._run("set_operator_pause", [0, _args.reason(reason)]))
+
+    def requeue_dead_letters(self, task_ids: Iterable[str], reason: str = "operator requeue") -> list[str]:
+        """Send dead-lettered tasks back to pending with attempt 0; returns those requeued."""
+        ids = _args.ids(task_ids, "task id")
+        return [_args.text(t) for t in self._run("requeue_dead_letter", [_args.reason(reason), *ids])]
+
+    # ------------------------------------------------------------- inspection
+    def status(self) -> dict[str, Any]:
+        """One consistent snapshot: every seed status field, plus more (see status.py)."""
+        return build_status(self.run_id, self._run("status", []))
+
+    def exists(self) -> bool:
+        """Whether this run has any state in Redis."""
+        k = self.keys
+        return bool(self.redis.exists(k.config, k.counters, k.bp))
+
+    def events(self, count: int = 100) -> list[dict[str, Any]]:
+        """The newest ``count`` transition events, oldest first."""
+        _args.count(count, "count")
+        entries = self.redis.xrevrange(self.keys.events, count=count)
+        out = []
+        for entry_id, values in reversed(entries):
+            event = {_args.text(k): _args.text(v) for k, v in values.items()}
+            event["id"] = _args.text(entry_id)
+            for name in ("at_ms", "resident_bytes", "reserved_bytes"):
+                if name in event:
+                    event[name] = int(event[name])
+            out.append(event)
+        return out
+
+    def dead_letters(self, count: int = 100) -> list[dict[str, Any]]:
+        """Up to ``count`` dead-lettered tasks: task_id, reason, attempt, at_ms."""
+        _args.count(count, "count")
+        out = []
+        for task_id, value in self.redis.hscan_iter(self.keys.dlq, count=count):
+            out.append({"task_id": _args.text(task_id), **json.loads(_args.text(value))})
+            if len(out) >= count:
+                break
+        return out
+
+    def leases(self, kind: str = "prompt", count: int = 100) -> list[dict[str, Any]]:
+        """Up to ``count`` current leases of ``kind`` ('prompt' or 'train'): id, holder,
+        token, granted_ms, deadline_ms, attempt (prompts)."""
+        if kind not in ("prompt", "train"):
+            raise InvalidArgument("kind must be 'prompt' or 'train'")
+        _args.count(count, "count")
+        leases_key = self.keys.prompt_leases if kind == "prompt" else self.keys.train_leases
+        deadlines_key = self.keys.prompt_deadlines if kind == "prompt" else self.keys.train_deadlines
+        rows = []
+        for item_id, value in self.redis.hscan_iter(leases_key, count=count):
+            token, nbytes, granted, holder = _args.text(value).split("|", 3)
+            rows.append({"id": _args.text(item_id), "holder": holder, "token": int(token),
+                         "granted_ms": int(granted), "reserved_bytes": int(nbytes)})
+            if len(rows) >= count:
+                break
+        if rows:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.zmscore(deadlines_key, [r["id"] for r in rows])
+            if kind == "prompt":
+                pipe.hmget(self.keys.task_attempts, [r["id"] for r in rows])
+            replies = pipe.execute()
+            for i, row in enumerate(rows):
+                deadline = replies[0][i]
+                row["deadline_ms"] = None if deadline is None else int(deadline)
+                if kind == "prompt":
+                    row["attempt"] = int(replies[1][i] or 0)
+        return rows
+
+    def worker_inflight(self) -> dict[str, int]:
+        """In-flight prompt leases per rollout worker (O(workers); for operators)."""
+        return {_args.text(k): int(v) for k, v in self.redis.hgetall(self.keys.worker_inflight).items()}
+
+    def delete(self) -> int:
+        """Delete every key of this run (irreversible). Returns the number of keys removed."""
+        removed = 0
+        batch = []
+        for key in self.redis.scan_iter(match=self.keys.pattern(), count=1000):
+            batch.append(key)
+            if len(batch) >= 500:
+                removed += self.redis.unlink(*batch)
+                batch = []
+        if batch:
+            removed += self.redis.unlink(*batch)
+        return removed

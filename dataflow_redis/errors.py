@@ -1,0 +1,65 @@
+"""Exceptions. Every error says what was wrong and what to do about it.
+
+Lua scripts refuse bad calls with an error reply ``"<CODE> <message>"`` before they
+write anything; :func:`from_script_error` turns that into one of these classes, so a
+caller never sees a raw Lua traceback.
+"""
+
+from __future__ import annotations
+
+
+class DataflowError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class InvalidArgument(DataflowError, ValueError):
+    """A value passed by the caller is not acceptable; nothing was written."""
+
+
+class ConfigError(InvalidArgument):
+    """A configuration value or combination is invalid; the stored config is unchanged."""
+
+
+class RecordTooLarge(InvalidArgument):
+    """A record's JSON exceeds the run's ``max_record_bytes``; nothing was written."""
+
+
+class StepRegression(InvalidArgument):
+    """An ack carried a global_step lower than the one already recorded."""
+
+
+class UnknownRun(DataflowError, LookupError):
+    """The run has no state in this Redis (wrong --run, wrong database or namespace)."""
+
+
+class ConnectionFailed(DataflowError, ConnectionError):
+    """Redis could not be reached (or kept dropping the connection) after bounded retries."""
+
+
+class AuthenticationFailed(DataflowError, PermissionError):
+    """Redis refused the credentials, or the ACL user lacks a needed command or key."""
+
+
+class ScriptError(DataflowError, RuntimeError):
+    """A script failed in a way it did not anticipate; this is a bug in dataflow-redis."""
+
+
+_BY_CODE = {
+    "BADARG": InvalidArgument,
+    "CONFIG": ConfigError,
+    "TOOLARGE": RecordTooLarge,
+    "STEP": StepRegression,
+}
+
+
+def from_script_error(message: str) -> DataflowError:
+    """Map a script's error reply ``"<CODE> <message>"`` to an exception instance."""
+    # redis-py may append " script: <sha>, on @user_script:..." to the message.
+    text = message.split(" script: ", 1)[0].strip()
+    if text.startswith("ERR "):
+        text = text[4:]
+    code, _, rest = text.partition(" ")
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return ScriptError(f"unexpected error from Redis script: {message}")
+    return cls(rest)

@@ -1,0 +1,291 @@
+"""Records: small frozen dataclasses that carry metadata only, never tensors.
+
+The control plane stores records as compact JSON: fields equal to their default are
+left out, and the id and run id live in the key, so a task with a 100-byte payload
+costs little more than its payload. Every record is checked before anything is
+written: a tensor or ndarray anywhere (even nested in metadata) raises ``TypeError``
+naming the path; a value JSON cannot carry raises :class:`InvalidArgument`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Mapping, Optional
+
+from .errors import InvalidArgument
+from .keys import validate_item_id
+
+DTYPES = frozenset({
+    "bool", "uint8", "int8", "int16", "int32", "int64",
+    "float16", "bfloat16", "float32", "float64",
+    "float8_e4m3fn", "float8_e5m2",
+})
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Shape and dtype of one stored feature tensor (the tensor itself stays in the store)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise InvalidArgument(f"FeatureSpec.name must be a non-empty string, got {self.name!r}")
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(
+                f"FeatureSpec {self.name!r}: unsupported dtype {self.dtype!r}; "
+                f"use one of {', '.join(sorted(DTYPES))}"
+            )
+        shape = tuple(self.shape) if isinstance(self.shape, (list, tuple)) else None
+        if shape is None or not all(type(d) is int and d >= 0 for d in shape):
+            raise InvalidArgument(
+                f"FeatureSpec {self.name!r}: shape must be a sequence of non-negative ints, "
+                f"got {self.shape!r}"
+            )
+        object.__setattr__(self, "shape", shape)
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "FeatureSpec":
+        return cls(name=data["name"], shape=tuple(data["shape"]), dtype=data["dtype"])
+
+
+@dataclass(frozen=True)
+class PromptTask:
+    """A prompt for a rollout worker. ``attempt`` counts earlier failed or expired tries."""
+
+    task_id: str
+    run_id: str
+    source_id: str = ""
+    payload: Any = None
+    max_length: Optional[int] = None
+    chat_template: Optional[str] = None
+    loss_mask_policy: Optional[str] = None
+    target_model_version: Optional[str] = None
+    draft_weight_version: Optional[str] = None
+    attempt: int = 0
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    estimated_bytes: Optional[int] = None
+    """Bytes the task's samples are expected to add to the feature store (reservation)."""
+
+
+@dataclass(frozen=True)
+class SampleRef:
+    """A pointer to one sample's features in the feature store."""
+
+    sample_id: str
+    run_id: str
+    source_task_id: Optional[str]
+    feature_store_uri: str
+    feature_keys: tuple[str, ...]
+    feature_specs: tuple[FeatureSpec, ...]
+    strategy: str
+    schema_version: int = 1
+    versions: Mapping[str, Any] = field(default_factory=dict)
+    num_tokens: int = 0
+    estimated_bytes: int = 0
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.feature_keys, list):
+            object.__setattr__(self, "feature_keys", tuple(self.feature_keys))
+        if isinstance(self.feature_specs, list):
+            object.__setattr__(self, "feature_specs", tuple(self.feature_specs))
+
+
+_TASK_FIELDS = [f for f in fields(PromptTask) if f.name not in ("task_id", "run_id", "attempt")]
+_REF_FIELDS = [f for f in fields(SampleRef) if f.name not in ("sample_id", "run_id")]
+
+
+def _defaults(fs) -> dict[str, Any]:
+    out = {}
+    for f in fs:
+        if f.default is not MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+_TASK_DEFAULTS = _defaults(_TASK_FIELDS)
+_REF_DEFAULTS = _defaults(_REF_FIELDS)
+
+
+def check_metadata_only(value: Any, path: str) -> None:
+    """Raise if ``value`` holds a tensor, an ndarray, or anything JSON cannot carry.
+
+    ``TypeError`` (naming the path) for array-likes, :class:`InvalidArgument` for other
+    values JSON cannot represent exactly (NaN, infinity, bytes, sets, objects).
+    """
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if item is None or isinstance(item, (bool, int, str)):
+            continue
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                raise InvalidArgument(f"{where}: {item!r} cannot be stored as JSON; use a finite number or null")
+            continue
+        if _is_array_like(item):
+            raise TypeError(
+                f"{where}: a {type(item).__module__}.{type(item).__name__} is a tensor/array; "
+                "the control plane takes metadata only: put the data in the feature store "
+                "and pass its key"
+            )
+        if isinstance(item, Mapping):
+            for key, sub in item.items():
+                if not isinstance(key, str):
+                    raise InvalidArgument(f"{where}: key {key!r} is not a string; JSON objects need string keys")
+                stack.append((sub, f"{where}.{key}"))
+            continue
+        if isinstance(item, (list, tuple)):
+            for i, sub in enumerate(item):
+                stack.append((sub, f"{where}[{i}]"))
+            continue
+        raise InvalidArgument(
+            f"{where}: a {type(item).__name__} cannot be stored as JSON; "
+            "use str, int, float, bool, None, lists and dicts"
+        )
+
+
+def _is_array_like(item: Any) -> bool:
+    cls = type(item)
+    module = cls.__module__.split(".", 1)[0]
+    if module in ("numpy", "torch", "jax", "jaxlib", "tensorflow", "cupy", "mlx"):
+        return True
+    return any(hasattr(item, a) for a in ("__array__", "__array_interface__", "__dlpack__", "__cuda_array_interface__"))
+
+
+def _dumps(obj: dict) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _check_optional(value: Any, kind: type, where: str, minimum: Optional[int] = None) -> None:
+    if value is None:
+        return
+    if kind is int and (type(value) is not int or (minimum is not None and value < minimum)):
+        raise InvalidArgument(f"{where} must be an int >= {minimum} or None, got {value!r}")
+    if kind is str and not isinstance(value, str):
+        raise InvalidArgument(f"{where} must be a string or None, got {value!r}")
+
+
+def task_from_input(item: Any, run_id: str) -> PromptTask:
+    """Build a PromptTask from a PromptTask or a dict, generating ``task_id`` when absent."""
+    if isinstance(item, PromptTask):
+        task = item
+    elif isinstance(item, Mapping):
+        unknown = set(item) - {f.name for f in fields(PromptTask)}
+        if unknown:
+            raise InvalidArgument(f"unknown prompt task field(s): {', '.join(sorted(unknown))}")
+        data = dict(item)
+        data.setdefault("run_id", run_id)
+        if data.get("task_id") is None:
+            data["task_id"] = uuid.uuid4().hex
+        task = PromptTask(**data)
+    else:
+        raise InvalidArgument(f"a prompt task must be a PromptTask or a dict, got {type(item).__name__}")
+    if task.run_id != run_id:
+        raise InvalidArgument(f"task {task.task_id!r} belongs to run {task.run_id!r}, not {run_id!r}")
+    validate_item_id(task.task_id, "task id")
+    _check_optional(task.max_length, int, f"task {task.task_id}: max_length", 1)
+    _check_optional(task.estimated_bytes, int, f"task {task.task_id}: estimated_bytes", 0)
+    for name in ("chat_template", "loss_mask_policy", "target_model_version", "draft_weight_version"):
+        _check_optional(getattr(task, name), str, f"task {task.task_id}: {name}")
+    if not isinstance(task.source_id, str):
+        raise InvalidArgument(f"task {task.task_id}: source_id must be a string")
+    if type(task.attempt) is not int or task.attempt < 0:
+        raise InvalidArgument(f"task {task.task_id}: attempt must be an int >= 0")
+    if not isinstance(task.metadata, Mapping):
+        raise InvalidArgument(f"task {task.task_id}: metadata must be a dict")
+    check_metadata_only(task.payload, f"task[{task.task_id}].payload")
+    check_metadata_only(task.metadata, f"task[{task.task_id}].metadata")
+    return task
+
+
+def encode_task(task: PromptTask) -> str:
+    """Compact JSON of a task: non-default fields only, without id, run and attempt."""
+    out = {}
+    for name, default in _TASK_DEFAULTS.items():
+        value = getattr(task, name)
+        if value != default:
+            out[name] = dict(value) if isinstance(value, Mapping) else value
+    return _dumps(out)
+
+
+def decode_task(task_id: str, run_id: str, attempt: int, text: str) -> PromptTask:
+    return PromptTask(task_id=task_id, run_id=run_id, attempt=attempt, **json.loads(text))
+
+
+def check_ref(ref: Any, run_id: str) -> SampleRef:
+    """Validate a SampleRef for ``run_id``; raise naming the first problem found."""
+    if not isinstance(ref, SampleRef):
+        raise InvalidArgument(f"expected a SampleRef, got {type(ref).__name__}")
+    sid = validate_item_id(ref.sample_id, "sample id")
+    if ref.run_id != run_id:
+        raise InvalidArgument(f"sample {sid!r} belongs to run {ref.run_id!r}, not {run_id!r}")
+    if ref.source_task_id is not None:
+        validate_item_id(ref.source_task_id, "source task id")
+    if not isinstance(ref.feature_store_uri, str) or not ref.feature_store_uri:
+        raise InvalidArgument(f"sample {sid}: feature_store_uri must be a non-empty string")
+    if not isinstance(ref.feature_keys, tuple) or not all(isinstance(k, str) and k for k in ref.feature_keys):
+        raise InvalidArgument(f"sample {sid}: feature_keys must be a sequence of non-empty strings")
+    if not isinstance(ref.feature_specs, tuple) or not all(isinstance(s, FeatureSpec) for s in ref.feature_specs):
+        raise InvalidArgument(f"sample {sid}: feature_specs must be a sequence of FeatureSpec")
+    if not isinstance(ref.strategy, str) or not ref.strategy:
+        raise InvalidArgument(f"sample {sid}: strategy must be a non-empty string such as 'eagle3'")
+    if type(ref.schema_version) is not int or ref.schema_version < 1:
+        raise InvalidArgument(f"sample {sid}: schema_version must be an int >= 1")
+    for name in ("num_tokens", "estimated_bytes"):
+        value = getattr(ref, name)
+        if type(value) is not int or value < 0:
+            raise InvalidArgument(f"sample {sid}: {name} must be an int >= 0, got {value!r}")
+    for name in ("versions", "metadata"):
+        value = getattr(ref, name)
+        if not isinstance(value, Mapping):
+            raise InvalidArgument(f"sample {sid}: {name} must be a dict")
+        check_metadata_only(value, f"ref[{sid}].{name}")
+    return ref
+
+
+def check_refs(refs: Any, run_id: str) -> list[SampleRef]:
+    """Validate a batch of refs: each ref, unique ids, and one schema_version per call."""
+    if isinstance(refs, (str, bytes, SampleRef)) or not hasattr(refs, "__iter__"):
+        raise InvalidArgument("refs must be a list of SampleRef")
+    out = [check_ref(r, run_id) for r in refs]
+    versions = {r.schema_version for r in out}
+    if len(versions) > 1:
+        raise InvalidArgument(
+            f"mixed schema versions {sorted(versions)} in one call; commit each schema version separately"
+        )
+    return out
+
+
+def encode_ref(ref: SampleRef) -> str:
+    out: dict[str, Any] = {
+        "source_task_id": ref.source_task_id,
+        "feature_store_uri": ref.feature_store_uri,
+        "feature_keys": list(ref.feature_keys),
+        "feature_specs": [s.to_json() for s in ref.feature_specs],
+        "strategy": ref.strategy,
+    }
+    for name, default in _REF_DEFAULTS.items():
+        if name in out:
+            continue
+        value = getattr(ref, name)
+        if value != default:
+            out[name] = dict(value) if isinstance(value, Mapping) else value
+    return _dumps(out)
+
+
+def decode_ref(sample_id: str, run_id: str, text: str) -> SampleRef:
+    data = json.loads(text)
+    data["feature_keys"] = tuple(data["feature_keys"])
+    data["feature_specs"] = tuple(FeatureSpec.from_json(s) for s in data["feature_specs"])
+    return SampleRef(sample_id=sample_id, run_id=run_id, **data)

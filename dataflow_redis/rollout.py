@@ -1,0 +1,107 @@
+"""The rollout worker's client: lease prompt tasks, commit sample refs, fail tasks.
+
+    w = cp.rollout_worker()
+    for task in w.lease(8):            # lua/lease_prompts.lua
+        ...                            # run the model, write features to the store
+    w.commit(refs)                     # lua/commit_samples.lua
+    w.fail([task_id], "oom", True)     # lua/fail_prompts.lua
+    w.heartbeat()                      # lua/extend_leases.lua
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Iterable, Optional
+
+from . import _args
+from .keys import validate_item_id
+from .records import PromptTask, SampleRef, check_refs, decode_task, encode_ref
+
+if TYPE_CHECKING:
+    from .control_plane import ControlPlane
+
+RECLAIM_PER_CALL = 32
+"""Expired leases each lease call reclaims before granting (bounded work per call)."""
+
+
+class RolloutWorker:
+    """One rollout worker. Not thread-safe: give each thread its own worker.
+
+    The worker remembers the fencing token of every lease it holds, so a commit or
+    fail for a task whose lease expired and was re-granted is rejected by Redis.
+    """
+
+    def __init__(self, cp: "ControlPlane", worker_id: Optional[str] = None, lease_s: float = 60.0) -> None:
+        self.cp = cp
+        self.worker_id = validate_item_id(worker_id or f"rollout-{uuid.uuid4().hex[:12]}", "worker id")
+        self.lease_s = _args.seconds(lease_s, "lease_s")
+        self._lease_ms = max(1, int(self.lease_s * 1000))
+        self._tokens: dict[str, str] = {}
+
+    @property
+    def held(self) -> list[str]:
+        """Ids of the tasks this worker believes it holds."""
+        return list(self._tokens)
+
+    def lease(self, max_tasks: int, request_id: Optional[str] = None) -> list[PromptTask]:
+        """Lease up to ``max_tasks`` pending tasks for ``lease_s`` seconds.
+
+        Returns fewer (or none) when little is pending or backpressure holds the
+        worker back. ``request_id`` makes a retry after a lost reply return the same
+        grant (one is generated per call when omitted).
+        """
+        _args.count(max_tasks, "max_tasks")
+        reply = self.cp._run(
+            "lease_prompts", [self.worker_id, max_tasks, self._lease_ms, RECLAIM_PER_CALL], request_id
+        )
+        run_id, text = self.cp.run_id, _args.text
+        tasks = []
+        for i in range(0, len(reply), 4):
+            task_id, token = text(reply[i]), text(reply[i + 1])
+            self._tokens[task_id] = token
+            tasks.append(decode_task(task_id, run_id, int(reply[i + 2]), text(reply[i + 3])))
+        return tasks
+
+    def commit(self, refs: Iterable[SampleRef], request_id: Optional[str] = None) -> list[str]:
+        """Hand in sample refs; returns the ids that were fresh and accepted.
+
+        A ref's source task lease is released. Refs whose source task this worker no
+        longer holds (expired and re-granted) are rejected; duplicates are dropped.
+        """
+        checked = check_refs(refs, self.cp.run_id)
+        if len(checked) > _args.MAX_BATCH:
+            raise _args.InvalidArgument(f"at most {_args.MAX_BATCH} refs per call; split the batch")
+        args: list = [self.worker_id, 0, len(checked)]
+        for ref in checked:
+            source = ref.source_task_id or ""
+            args += [ref.sample_id, source, self._tokens.get(source, ""), encode_ref(ref)]
+        fresh = self.cp._run("commit_samples", args, request_id)
+        for ref in checked:
+            self._tokens.pop(ref.source_task_id or "", None)
+        return [_args.text(s) for s in fresh]
+
+    def fail(self, task_ids: Iterable[str], reason: str, retryable: bool = True,
+             request_id: Optional[str] = None) -> list[str]:
+        """Give up held tasks; returns the ids affected (only this worker's leases).
+
+        Retryable: attempt + 1 and back to pending (dead-lettered once
+        ``max_prompt_attempts`` is reached). Not retryable: dead-lettered at once.
+        """
+        ids = _args.ids(task_ids, "task id")
+        args: list = [self.worker_id, _args.reason(reason), int(_args.flag(retryable, "retryable"))]
+        for task_id in ids:
+            args += [task_id, self._tokens.get(task_id, "")]
+        affected = [_args.text(t) for t in self.cp._run("fail_prompts", args, request_id)]
+        for task_id in ids:
+            self._tokens.pop(task_id, None)
+        return affected
+
+    def heartbeat(self) -> list[str]:
+        """Extend every held lease to now + ``lease_s``; returns the ids lost meanwhile."""
+        args: list = ["prompt", self.worker_id, self._lease_ms]
+        for task_id, token in self._tokens.items():
+            args += [task_id, token]
+        lost = [_args.text(t) for t in self.cp._run("extend_leases", args)]
+        for task_id in lost:
+            self._tokens.pop(task_id, None)
+        return lost

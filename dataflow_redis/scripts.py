@@ -1,0 +1,155 @@
+"""Script loading: one Lua file per atomic operation, called by EVALSHA.
+
+Each ``lua/<operation>.lua`` opens with a header whose ``KEYS:`` line names, in order,
+the keys it touches (names from :mod:`dataflow_redis.keys`). The loader
+
+* inlines ``-- @include <name>`` lines from ``lua/includes/<name>.lua``;
+* prepends ``local K = {config = KEYS[1], ...}`` built from that header, so scripts
+  say ``K.pending`` and the Python side builds KEYS from the same header: the two
+  can never disagree;
+* wraps each script in a redis-py ``Script`` (EVALSHA first, SCRIPT LOAD and retry on
+  NOSCRIPT, so a SCRIPT FLUSH or a failover to a server that never saw the script
+  recovers by itself).
+
+:class:`ScriptRunner` adds what every call needs: a request id (the reply-cache key
+that makes a retried call apply once), bounded retry with backoff on connection
+loss, and mapping of script errors to :mod:`dataflow_redis.errors`.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+import redis
+
+from . import errors
+from .keys import KEY_NAMES, RunKeys
+
+_INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
+
+
+def lua_dir() -> Path:
+    """Directory holding the Lua scripts: inside the installed package, else the repo."""
+    packaged = resources.files("dataflow_redis") / "lua"
+    if packaged.is_dir():
+        return Path(str(packaged))
+    source_tree = Path(__file__).resolve().parent.parent / "lua"
+    if source_tree.is_dir():
+        return source_tree
+    raise FileNotFoundError("dataflow_redis: Lua scripts not found; reinstall the package")
+
+
+def parse_key_names(source: str, name: str) -> list[str]:
+    """Key names from a script header: the words after ``-- KEYS:`` up to ``-- ARGV:``."""
+    names: list[str] = []
+    in_keys = False
+    for line in source.splitlines():
+        if line.startswith("-- KEYS:"):
+            in_keys = True
+            line = line[len("-- KEYS:"):]
+        elif line.startswith("-- ARGV:") or not line.startswith("--"):
+            if in_keys:
+                break
+            continue
+        elif not in_keys:
+            continue
+        names.extend(line.lstrip("-").split())
+    unknown = [n for n in names if n != "reply" and n not in KEY_NAMES]
+    if not names or unknown:
+        raise ValueError(f"{name}.lua: bad KEYS header (unknown: {unknown})")
+    return names
+
+
+@dataclass(frozen=True)
+class LuaScript:
+    """One operation's source with its includes inlined, and its declared key names."""
+
+    name: str
+    key_names: tuple[str, ...]
+    source: str
+
+
+@functools.lru_cache(maxsize=None)
+def load_scripts() -> dict[str, LuaScript]:
+    """Read and assemble every ``lua/*.lua`` (cached: files are read once per process)."""
+    root = lua_dir()
+    out = {}
+    for path in sorted(root.glob("*.lua")):
+        text = path.read_text()
+        key_names = parse_key_names(text, path.stem)
+
+        def include(match: re.Match) -> str:
+            return (root / "includes" / f"{match.group(1)}.lua").read_text()
+
+        body = _INCLUDE.sub(include, text)
+        binding = ", ".join(f"{n} = KEYS[{i + 1}]" for i, n in enumerate(key_names))
+        out[path.stem] = LuaScript(path.stem, tuple(key_names), f"local K = {{{binding}}}\n{body}")
+    return out
+
+
+RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError)
+
+
+class ScriptRunner:
+    """Runs the scripts of one run on one Redis client.
+
+    ``retry_s`` bounds how long a call keeps retrying through connection loss (a Redis
+    restart, a failover) before raising :class:`~dataflow_redis.errors.ConnectionFailed`;
+    retries reuse the call's request id, so a call whose reply was lost applies once.
+    """
+
+    def __init__(self, client: redis.Redis, keys: RunKeys, retry_s: float = 20.0) -> None:
+        self.client = client
+        self.keys = keys
+        self.retry_s = retry_s
+        self._scripts = {}
+        self._key_lists = {}
+        for name, script in load_scripts().items():
+            self._scripts[name] = client.register_script(script.source)
+            self._key_lists[name] = [
+                None if n == "reply" else getattr(keys, n) for n in script.key_names
+            ]
+
+    def __call__(self, name: str, args: Sequence[Any], request_id: str | None = None) -> Any:
+        """Run script ``name`` with ARGV ``args``; returns the script's reply."""
+        keys = self._key_lists[name]
+        if None in keys:
+            reply_key = self.keys.reply(request_id or uuid.uuid4().hex)
+            keys = [reply_key if k is None else k for k in keys]
+        script = self._scripts[name]
+        deadline = None
+        delay = 0.05
+        while True:
+            try:
+                return script(keys=keys, args=args)
+            except redis.ResponseError as exc:
+                raise _translate(exc) from None
+            except redis.AuthenticationError as exc:
+                raise errors.AuthenticationFailed(f"Redis refused the credentials: {exc}") from None
+            except RETRYABLE as exc:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + self.retry_s
+                if now + delay > deadline:
+                    raise errors.ConnectionFailed(
+                        f"Redis unreachable for {self.retry_s:.0f}s ({exc}); check that it is "
+                        "running and that the URL is right"
+                    ) from None
+                time.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
+
+def _translate(exc: redis.ResponseError) -> errors.DataflowError:
+    message = str(exc)
+    if message.startswith("NOPERM") or "NOPERM" in message[:40]:
+        return errors.AuthenticationFailed(
+            f"the Redis user may not run this ({message}); see the ACL line in docs/reliability.md"
+        )
+    return errors.from_script_error(message)

@@ -1,0 +1,130 @@
+"""The trainer's client: lease sample refs, ack them at optimizer steps, fail them.
+
+    t = cp.trainer()
+    refs = t.lease(32, timeout_s=5.0)                 # lua/lease_samples.lua
+    ...                                               # load features, train a step
+    t.ack([r.sample_id for r in refs], global_step=7, optimizer_durable=True)
+                                                      # lua/ack_samples.lua
+
+Waiting without polling: when the queue is empty, ``lease(timeout_s=T)`` blocks on
+BLPOP of the run's ``train_signal`` list. Every commit pushes a few wake-up tokens;
+a lease that finds the queue empty clears them in the same atomic step, so a
+waiting trainer sleeps in Redis until a commit arrives and then issues exactly one
+lease call: O(1) commands per wake-up, woken within a round trip of the commit.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import TYPE_CHECKING, Iterable, Optional
+
+from . import _args
+from .keys import validate_item_id
+from .records import SampleRef, decode_ref
+from .scripts import RETRYABLE
+
+if TYPE_CHECKING:
+    from .control_plane import ControlPlane
+
+RECLAIM_PER_CALL = 32
+MAX_BLOCK_SLICE_S = 10.0
+
+
+class Trainer:
+    """One trainer. Not thread-safe: give each thread its own trainer."""
+
+    def __init__(self, cp: "ControlPlane", trainer_id: Optional[str] = None, lease_s: float = 60.0) -> None:
+        self.cp = cp
+        self.trainer_id = validate_item_id(trainer_id or f"trainer-{uuid.uuid4().hex[:12]}", "trainer id")
+        self.lease_s = _args.seconds(lease_s, "lease_s")
+        self._lease_ms = max(1, int(self.lease_s * 1000))
+        self._tokens: dict[str, str] = {}
+        socket_timeout = cp.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        self._block_slice_s = MAX_BLOCK_SLICE_S if not socket_timeout else max(0.05, 0.8 * socket_timeout)
+
+    @property
+    def held(self) -> list[str]:
+        """Ids of the refs this trainer believes it holds."""
+        return list(self._tokens)
+
+    def lease(self, max_refs: int, timeout_s: Optional[float] = None,
+              request_id: Optional[str] = None) -> list[SampleRef]:
+        """Lease up to ``max_refs`` refs for ``lease_s`` seconds.
+
+        ``timeout_s=None`` returns at once; otherwise waits up to ``timeout_s`` seconds
+        for work (see the module docstring). An empty result counts once as trainer
+        starvation.
+        """
+        _args.count(max_refs, "max_refs")
+        if timeout_s is None:
+            return self._lease_once(max_refs, True, request_id)
+        deadline = time.monotonic() + _args.seconds(timeout_s, "timeout_s", minimum=0.0)
+        while True:
+            remaining = deadline - time.monotonic()
+            refs = self._lease_once(max_refs, remaining <= 0, request_id if remaining > 0 else None)
+            request_id = None  # only the first attempt carries the caller's id
+            if refs or remaining <= 0:
+                return refs
+            try:
+                self.cp.redis.blpop([self.cp.keys.train_signal], timeout=min(remaining, self._block_slice_s))
+            except RETRYABLE:
+                time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def _lease_once(self, max_refs: int, final: bool, request_id: Optional[str]) -> list[SampleRef]:
+        reply = self.cp._run(
+            "lease_samples",
+            [self.trainer_id, max_refs, self._lease_ms, int(final), RECLAIM_PER_CALL],
+            request_id,
+        )
+        run_id, text = self.cp.run_id, _args.text
+        refs = []
+        for i in range(0, len(reply), 3):
+            sample_id = text(reply[i])
+            self._tokens[sample_id] = text(reply[i + 1])
+            refs.append(decode_ref(sample_id, run_id, text(reply[i + 2])))
+        return refs
+
+    def ack(self, sample_ids: Iterable[str], global_step: Optional[int] = None,
+            optimizer_durable: bool = False, request_id: Optional[str] = None) -> list[str]:
+        """Ack consumed refs at an optimizer step; returns the ids newly acked.
+
+        One atomic step records the ids, ``global_step`` and ``optimizer_durable`` and
+        releases the leases. A ``global_step`` below the recorded one raises
+        :class:`~dataflow_redis.errors.StepRegression`. See docs/design.md for the
+        recovery rule for non-durable acks.
+        """
+        ids = _args.ids(sample_ids, "sample id")
+        if global_step is not None and (type(global_step) is not int or not 0 <= global_step < 2**53):
+            raise _args.InvalidArgument(f"global_step must be an int >= 0 or None, got {global_step!r}")
+        args: list = [self.trainer_id, "" if global_step is None else global_step,
+                      int(_args.flag(optimizer_durable, "optimizer_durable"))]
+        for sample_id in ids:
+            args += [sample_id, self._tokens.get(sample_id, "")]
+        acked = [_args.text(s) for s in self.cp._run("ack_samples", args, request_id)]
+        for sample_id in ids:
+            self._tokens.pop(sample_id, None)
+        return acked
+
+    def fail(self, sample_ids: Iterable[str], reason: str, retryable: bool = True,
+             request_id: Optional[str] = None) -> list[str]:
+        """Give up held refs: retryable -> back to the queue tail; else terminal."""
+        ids = _args.ids(sample_ids, "sample id")
+        args: list = [self.trainer_id, _args.reason(reason), int(_args.flag(retryable, "retryable"))]
+        for sample_id in ids:
+            args += [sample_id, self._tokens.get(sample_id, "")]
+        affected = [_args.text(s) for s in self.cp._run("fail_samples", args, request_id)]
+        for sample_id in ids:
+            self._tokens.pop(sample_id, None)
+        return affected
+
+    def heartbeat(self) -> list[str]:
+        """Extend every held lease to now + ``lease_s``; returns the ids lost meanwhile."""
+        args: list = ["train", self.trainer_id, self._lease_ms]
+        for sample_id, token in self._tokens.items():
+            args += [sample_id, token]
+        lost = [_args.text(s) for s in self.cp._run("extend_leases", args)]
+        for sample_id in lost:
+            self._tokens.pop(sample_id, None)
+        return lost
+

@@ -1,0 +1,20 @@
+-- deregister_shard.lua: a feature-store shard leaves; its bytes stop counting.
+--
+-- KEYS: config bp shards shard_seen stale_shards events
+-- ARGV: [1] shard_id
+-- Returns: 1 if the shard was registered, else 0.
+-- @include util
+-- @include backpressure
+
+local shard = ARGV[1]
+local previous = redis.call('HGET', K.shards, shard)
+if not previous then return 0 end
+local now = now_ms()
+local prev_resident = tonumber(string.match(previous, '^%d+|(%d+)|'))
+redis.call('HDEL', K.shards, shard)
+redis.call('ZREM', K.shard_seen, shard)
+redis.call('SREM', K.stale_shards, shard)
+redis.call('HINCRBY', K.bp, 'resident_bytes', -prev_resident)
+log_event('shard_deregistered', shard, now)
+evaluate_latch(load_config(), now, 'shard ' .. shard .. ' deregistered')
+return 1

@@ -1,0 +1,81 @@
+-- includes/leases.lua: releasing, retrying and reclaiming leases. Needs util.lua and,
+-- for prompts, backpressure.lua (dead-lettering logs an event).
+--
+-- Invariant kept by every caller: a live task id is in exactly one of pending,
+-- prompt_leases or dlq; a live sample id in exactly one of train_queue or
+-- train_leases; worker_inflight[w] equals the number of prompt_leases held by w;
+-- bp.reserved_bytes equals the sum of the bytes of all prompt leases.
+
+local WAKE_TOKENS_MAX = 256
+
+-- Drop a prompt lease: frees the holder's in-flight slot and its byte reservation.
+local function release_prompt_lease(task_id, value)
+  local _, bytes, _, holder = parse_lease(value)
+  redis.call('HDEL', K.prompt_leases, task_id)
+  redis.call('ZREM', K.prompt_deadlines, task_id)
+  if redis.call('HINCRBY', K.worker_inflight, holder, -1) <= 0 then
+    redis.call('HDEL', K.worker_inflight, holder)
+  end
+  if bytes > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', -bytes) end
+end
+
+-- Terminal: the task goes to the dead-letter hash with its reason (its record stays,
+-- so an operator can requeue it).
+local function bury_task(task_id, reason, attempt, now, exhausted)
+  redis.call('HSET', K.dlq, task_id, cjson.encode({
+    reason = reason, attempt = attempt, at_ms = now, attempts_exhausted = exhausted,
+  }))
+  log_event('dead_letter', task_id .. ': ' .. reason, now)
+end
+
+-- A retryable failure or an expiry: attempt + 1, back to the tail of pending, unless
+-- that was the last attempt max_prompt_attempts allows.
+local function retry_task(cfg, task_id, reason, now)
+  local attempt = redis.call('HINCRBY', K.task_attempts, task_id, 1)
+  local limit = cfg.max_prompt_attempts
+  if limit and attempt >= limit then
+    bury_task(task_id, 'attempts exhausted (' .. attempt .. ' of max_prompt_attempts=' .. limit ..
+      '); last failure: ' .. reason, attempt - 1, now, true)
+  else
+    redis.call('RPUSH', K.pending, task_id)
+  end
+end
+
+-- Expired prompt leases go back to pending (attempt + 1). At most `limit` per call.
+local function reclaim_prompts(cfg, now, limit)
+  local expired = redis.call('ZRANGEBYSCORE', K.prompt_deadlines, '-inf', now, 'LIMIT', 0, limit)
+  for _, task_id in ipairs(expired) do
+    local value = redis.call('HGET', K.prompt_leases, task_id)
+    if value then
+      local _, _, _, holder = parse_lease(value)
+      release_prompt_lease(task_id, value)
+      retry_task(cfg, task_id, 'lease of ' .. holder .. ' expired', now)
+    else
+      redis.call('ZREM', K.prompt_deadlines, task_id)
+    end
+  end
+  return #expired
+end
+
+-- Let up to `count` blocked trainers wake (BLPOP on train_signal). Capped, so tokens
+-- cannot pile up while nobody waits; a lease that finds the queue empty clears them.
+local function wake_trainers(count)
+  if count <= 0 then return end
+  local tokens = {}
+  for i = 1, math.min(count, 64) do tokens[i] = '1' end
+  redis.call('LPUSH', K.train_signal, unpack(tokens))
+  redis.call('LTRIM', K.train_signal, 0, WAKE_TOKENS_MAX - 1)
+end
+
+-- Expired train leases go back to the head of the train queue. At most `limit`.
+local function reclaim_samples(now, limit)
+  local expired = redis.call('ZRANGEBYSCORE', K.train_deadlines, '-inf', now, 'LIMIT', 0, limit)
+  for _, sample_id in ipairs(expired) do
+    redis.call('ZREM', K.train_deadlines, sample_id)
+    if redis.call('HDEL', K.train_leases, sample_id) == 1 then
+      redis.call('LPUSH', K.train_queue, sample_id)
+    end
+  end
+  wake_trainers(#expired)
+  return #expired
+end

@@ -1,0 +1,80 @@
+-- includes/util.lua: server time, error replies, run config and the reply cache.
+-- Expects the table K (key name -> key) that the loader builds from the script's
+-- KEYS header; a helper only touches keys its caller declared.
+
+-- Milliseconds since the epoch, from the Redis server's clock (never a client's).
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+-- An error reply "<CODE> <message>"; the Python side maps CODE to an exception class.
+-- Scripts return these before their first write, so a refused call changes nothing.
+local function refuse(code, message)
+  return redis.error_reply(code .. ' ' .. message)
+end
+
+local CONFIG_FIELDS = {
+  'max_prompt_attempts', 'max_record_bytes', 'reply_ttl_s',
+  'high_watermark_bytes', 'low_watermark_bytes', 'max_inflight_prompts_per_worker',
+  'max_train_lease', 'default_task_bytes', 'stale_after_s', 'backpressure', 'version',
+}
+
+-- The run's settings as numbers; an unset field is nil. Defaults live here and in
+-- dataflow_redis/config.py (kept equal by a test).
+local function load_config()
+  local values = redis.call('HMGET', K.config, unpack(CONFIG_FIELDS))
+  local cfg = {}
+  for i, name in ipairs(CONFIG_FIELDS) do
+    if values[i] then cfg[name] = tonumber(values[i]) end
+  end
+  cfg.max_record_bytes = cfg.max_record_bytes or 1048576
+  cfg.reply_ttl_ms = math.floor((cfg.reply_ttl_s or 300) * 1000)
+  cfg.backpressure = cfg.backpressure == 1
+  return cfg
+end
+
+-- Reply cache: a retried call (same request id, e.g. after a lost reply) finds the
+-- reply of the first attempt here instead of applying twice.
+local function cached_reply()
+  return redis.call('GET', K.reply)
+end
+
+local function remember_reply(cfg, text)
+  redis.call('SET', K.reply, text, 'PX', cfg.reply_ttl_ms)
+end
+
+local function split_words(text)
+  local out = {}
+  for word in string.gmatch(text, '%S+') do out[#out + 1] = word end
+  return out
+end
+
+-- A lease value is "token|bytes|granted_ms|holder"; the holder id comes last so that
+-- any printable id parses.
+local function parse_lease(value)
+  local token, bytes, granted, holder = string.match(value, '^(%d+)|(%d+)|(%d+)|(.*)$')
+  return token, tonumber(bytes), tonumber(granted), holder
+end
+
+-- Fencing: a caller holds a lease only if it is the recorded holder and, when it
+-- presents a token, the token is the current grant's.
+local function holds(value, holder, token)
+  if not value then return false end
+  local t, _, _, h = parse_lease(value)
+  return h == holder and (token == '' or token == t)
+end
+
+-- Validate record sizes before any write (all-or-nothing). Item i (0-based) of a call
+-- keeps its id at ARGV[base + i*stride + id_at] and its JSON at ARGV[base + i*stride + json_at].
+local function check_record_sizes(cfg, base, stride, count, id_at, json_at)
+  for i = 0, count - 1 do
+    local record = ARGV[base + i * stride + json_at]
+    if #record > cfg.max_record_bytes then
+      return refuse('TOOLARGE', 'record ' .. ARGV[base + i * stride + id_at] .. ' is ' .. #record ..
+        ' bytes of JSON, over max_record_bytes=' .. cfg.max_record_bytes ..
+        '; keep large data in the feature store or raise max_record_bytes')
+    end
+  end
+  return nil
+end

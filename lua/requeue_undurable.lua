@@ -1,0 +1,25 @@
+-- requeue_undurable.lua: recovery after a trainer restarts from its last durable
+-- checkpoint. Samples acked by non-durable acks at a step above `after_step` were
+-- consumed by optimizer steps that are now lost: they return to the head of the
+-- train queue (un-acked) so they are trained on again.
+--
+-- KEYS: counters samples train_queue train_signal acked undurable durable
+-- ARGV: [1] after_step ('' = the recorded durable_global_step, or -1 if none)
+--       [2] limit (at most this many per call)
+-- Returns: number of samples requeued (call again while it equals limit).
+-- @include util
+-- @include leases
+
+local after = ARGV[1]
+if after == '' then after = redis.call('HGET', K.durable, 'durable_global_step') or -1 end
+local ids = redis.call('ZRANGEBYSCORE', K.undurable, '(' .. after, '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
+for _, sample_id in ipairs(ids) do
+  redis.call('ZREM', K.undurable, sample_id)
+  redis.call('SREM', K.acked, sample_id)
+  redis.call('LPUSH', K.train_queue, sample_id)
+end
+if #ids > 0 then
+  redis.call('HINCRBY', K.counters, 'samples_acked', -#ids)
+  wake_trainers(#ids)
+end
+return #ids

@@ -1,0 +1,17 @@
+-- set_operator_pause.lua: the operator override, separate from the watermark latch.
+-- While set, every prompt lease grants nothing (counted as rollout starvation when
+-- work is pending), whatever the latch says.
+--
+-- KEYS: bp events
+-- ARGV: [1] paused (1/0)  [2] reason
+-- Returns: 1 if the override changed, 0 if it already was in that state.
+-- @include util
+-- @include backpressure
+
+local paused, reason = ARGV[1], ARGV[2]
+local now = now_ms()
+local before = redis.call('HGET', K.bp, 'operator_paused') or '0'
+redis.call('HSET', K.bp, 'operator_paused', paused, 'operator_reason', reason, 'operator_at_ms', now)
+if before == paused then return 0 end
+log_event(paused == '1' and 'operator_pause' or 'operator_resume', reason, now)
+return 1
