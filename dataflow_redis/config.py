@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 # Defaults that apply when a field is unset (mirrored in lua/includes/util.lua).
 DEFAULT_MAX_RECORD_BYTES = 1 << 20
-DEFAULT_REPLY_TTL_S = 300.0
+DEFAULT_REPLY_TTL_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,8 @@ class RunSettings:
     max_record_bytes: Optional[int] = None
     """Largest record JSON accepted, in bytes. None: 1 MiB."""
     reply_ttl_s: Optional[float] = None
-    """How long a mutating call's reply is kept for safe retries, seconds. None: 300."""
+    """How long a mutating call's reply is kept for safe retries, seconds. None: 30.
+    Keep it above the clients' ``retry_s`` (20 s by default)."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ local function load_config()
     if values[i] then cfg[name] = tonumber(values[i]) end
   end
   cfg.max_record_bytes = cfg.max_record_bytes or 1048576
-  cfg.reply_ttl_ms = math.floor((cfg.reply_ttl_s or 300) * 1000)
+  cfg.reply_ttl_ms = math.floor((cfg.reply_ttl_s or 30) * 1000)
   cfg.backpressure = cfg.backpressure == 1
   return cfg
 end
@@ -40,8 +40,10 @@ local function cached_reply()
   return redis.call('GET', K.reply)
 end
 
+-- An empty reply is not cached: repeating a call that changed nothing is harmless,
+-- and empty leases are the common case under backpressure.
 local function remember_reply(cfg, text)
-  redis.call('SET', K.reply, text, 'PX', cfg.reply_ttl_ms)
+  if text ~= '' then redis.call('SET', K.reply, text, 'PX', cfg.reply_ttl_ms) end
 end
 
 local function split_words(text)
