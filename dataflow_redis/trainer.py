@@ -40,7 +40,8 @@ class Trainer:
         self.lease_s = _args.seconds(lease_s, "lease_s")
         self._lease_ms = max(1, int(self.lease_s * 1000))
         self._tokens: dict[str, str] = {}
-        socket_timeout = cp.redis.connection_pool.connection_kwargs.get("socket_timeout")
+        pool = getattr(cp.redis, "connection_pool", None)  # RedisCluster has none
+        socket_timeout = pool.connection_kwargs.get("socket_timeout") if pool else None
         self._block_slice_s = MAX_BLOCK_SLICE_S if not socket_timeout else max(0.05, 0.8 * socket_timeout)
 
     @property
