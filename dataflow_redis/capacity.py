@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 from . import _args
 from .errors import InvalidArgument
 from .keys import validate_item_id
+from .scripts import mapped_errors
 
 if TYPE_CHECKING:
     from .control_plane import ControlPlane
@@ -59,6 +60,7 @@ class CapacityReporter:
         self.store_id = validate_item_id(store_id, "store id")
         self._seq: Optional[int] = None
 
+    @mapped_errors
     def _next_seq(self) -> int:
         if self._seq is None:  # continue after the last report a previous process made
             stored = self.cp.redis.hget(self.cp.keys.shards, self.store_id)

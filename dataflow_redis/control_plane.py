@@ -31,12 +31,12 @@ from redis.retry import Retry
 
 from . import _args
 from .capacity import CapacityReporter
-from .config import BackpressureConfig, RunSettings, from_redis, to_redis_pairs
-from .errors import ConfigError, InvalidArgument
+from .config import DEFAULT_MAX_RECORD_BYTES, BackpressureConfig, RunSettings, from_redis, to_redis_pairs
+from .errors import ConfigError, InvalidArgument, RecordTooLarge
 from .keys import DEFAULT_NAMESPACE, RunKeys
 from .records import SampleRef, check_refs, encode_ref, encode_task, task_from_input
 from .rollout import RolloutWorker
-from .scripts import ScriptRunner
+from .scripts import ScriptRunner, mapped_errors
 from .status import build_status
 from .trainer import Trainer
 
@@ -50,6 +50,8 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     bounded retry with backoff sits above it."""
     options = dict(decode_responses=True, socket_connect_timeout=5.0, socket_keepalive=True,
                    health_check_interval=30, retry=Retry(NoBackoff(), 1))
+    if url.startswith("unix://"):
+        del options["socket_keepalive"]  # a TCP option: unix socket connections refuse it
     options.update(kwargs)
     try:
         return redis.Redis.from_url(url, **options)
@@ -98,6 +100,7 @@ class ControlPlane:
         cross-field rules are checked against the merged stored config."""
         return int(self._run("configure", [_args.reason(reason), *to_redis_pairs(values)]))
 
+    @mapped_errors
     def _config(self) -> tuple[RunSettings, BackpressureConfig, int]:
         return from_redis({_args.text(k): _args.text(v) for k, v in self.redis.hgetall(self.keys.config).items()})
 
@@ -122,6 +125,16 @@ class ControlPlane:
         checked = [task_from_input(t, self.run_id) for t in tasks]
         encoded = [(t.task_id, "" if t.estimated_bytes is None else t.estimated_bytes, encode_task(t))
                    for t in checked]
+        if len(encoded) > INGEST_CHUNK:
+            # Several script calls: check every size first, so a record that is too
+            # large cannot leave the chunks before it already written.
+            limit = self.settings().max_record_bytes or DEFAULT_MAX_RECORD_BYTES
+            for task_id, _, record in encoded:
+                size = len(record.encode())
+                if size > limit:
+                    raise RecordTooLarge(
+                        f"record {task_id} is {size} bytes of JSON, over max_record_bytes={limit}; "
+                        "keep large data in the feature store or raise max_record_bytes")
         request_id = request_id or uuid.uuid4().hex
         fresh: list[str] = []
         for start in range(0, len(encoded), INGEST_CHUNK):
@@ -165,7 +178,9 @@ class ControlPlane:
 
     def requeue_undurable(self, after_step: Optional[int] = None, batch: int = 1000) -> int:
         """Recovery: samples acked by non-durable acks at a step above ``after_step``
-        (default: the recorded durable_global_step) go back to the train queue."""
+        (default: the recorded durable_global_step) go back to the train queue, and the
+        recorded global_step rolls back to ``after_step`` so the restarted trainer can
+        ack again from ``after_step + 1``. Returns how many samples were requeued."""
         if after_step is not None and type(after_step) is not int:
             raise InvalidArgument(f"after_step must be an int or None, got {after_step!r}")
         total = 0
@@ -194,11 +209,13 @@ class ControlPlane:
         """One consistent snapshot: every seed status field, plus more (see status.py)."""
         return build_status(self.run_id, self._run("status", []))
 
+    @mapped_errors
     def exists(self) -> bool:
         """Whether this run has any state in Redis."""
         k = self.keys
         return bool(self.redis.exists(k.config, k.counters, k.bp))
 
+    @mapped_errors
     def events(self, count: int = 100) -> list[dict[str, Any]]:
         """The newest ``count`` transition events, oldest first."""
         _args.count(count, "count")
@@ -213,6 +230,7 @@ class ControlPlane:
             out.append(event)
         return out
 
+    @mapped_errors
     def dead_letters(self, count: int = 100) -> list[dict[str, Any]]:
         """Up to ``count`` dead-lettered tasks: task_id, reason, attempt, at_ms."""
         _args.count(count, "count")
@@ -223,6 +241,7 @@ class ControlPlane:
                 break
         return out
 
+    @mapped_errors
     def leases(self, kind: str = "prompt", count: int = 100) -> list[dict[str, Any]]:
         """Up to ``count`` current leases of ``kind`` ('prompt' or 'train'): id, holder,
         token, granted_ms, deadline_ms, attempt (prompts)."""
@@ -251,10 +270,12 @@ class ControlPlane:
                     row["attempt"] = int(replies[1][i] or 0)
         return rows
 
+    @mapped_errors
     def worker_inflight(self) -> dict[str, int]:
         """In-flight prompt leases per rollout worker (O(workers); for operators)."""
         return {_args.text(k): int(v) for k, v in self.redis.hgetall(self.keys.worker_inflight).items()}
 
+    @mapped_errors
     def delete(self) -> int:
         """Delete every key of this run (irreversible). Returns the number of keys removed."""
         removed = 0

@@ -36,7 +36,7 @@ themselves: the clients pass every key in ``KEYS``.
 | shard_seen      | zset   | shard_id scored by last report (ms), for staleness            |
 | stale_shards    | set    | shards currently marked stale                                 |
 | events          | stream | transition log (pause, resume, operator, config, stale)       |
-| reply:<req_id>  | string | cached reply of a mutating call, for safe retries (expires)   |
+| reply:<op>:<caller>:<req_id> | string | cached reply of a mutating call, for safe retries (expires) |
 """
 
 from __future__ import annotations

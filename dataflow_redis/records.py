@@ -9,11 +9,13 @@ naming the path; a value JSON cannot carry raises :class:`InvalidArgument`.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import uuid
+import os
+from collections.abc import Mapping  # not typing.Mapping: isinstance against it is several times slower
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 from .errors import InvalidArgument
 from .keys import validate_item_id
@@ -116,18 +118,35 @@ def _defaults(fs) -> dict[str, Any]:
 
 _TASK_DEFAULTS = _defaults(_TASK_FIELDS)
 _REF_DEFAULTS = _defaults(_REF_FIELDS)
+_TASK_FIELD_NAMES = frozenset(f.name for f in fields(PromptTask))
+_REF_FIELD_NAMES = frozenset(f.name for f in _REF_FIELDS)
+_REF_REQUIRED = frozenset(f.name for f in _REF_FIELDS if f.name not in _REF_DEFAULTS)
+
+
+MAX_NESTING = 100
+"""Deepest nesting of lists and dicts a record may carry."""
 
 
 def check_metadata_only(value: Any, path: str) -> None:
     """Raise if ``value`` holds a tensor, an ndarray, or anything JSON cannot carry.
 
     ``TypeError`` (naming the path) for array-likes, :class:`InvalidArgument` for other
-    values JSON cannot represent exactly (NaN, infinity, bytes, sets, objects).
+    values JSON cannot represent exactly (NaN, infinity, bytes, sets, objects, nesting
+    deeper than ``MAX_NESTING``).
     """
-    stack = [(value, path)]
+    kind = type(value)
+    if value is None or (kind is str and value.isascii()) or (kind is dict and not value):
+        return  # what almost every record carries: nothing to walk
+    stack = [(value, path, 0)]
     while stack:
-        item, where = stack.pop()
-        if item is None or isinstance(item, (bool, int, str)):
+        item, where, depth = stack.pop()
+        if depth > MAX_NESTING:
+            # Deeper JSON overflows the recursion limit of json encoders and decoders.
+            raise InvalidArgument(f"{where}: nested more than {MAX_NESTING} levels deep; flatten the metadata")
+        if item is None or isinstance(item, (bool, int)):
+            continue
+        if isinstance(item, str):
+            _require_utf8(item, where)
             continue
         if isinstance(item, float):
             if not math.isfinite(item):
@@ -143,16 +162,27 @@ def check_metadata_only(value: Any, path: str) -> None:
             for key, sub in item.items():
                 if not isinstance(key, str):
                     raise InvalidArgument(f"{where}: key {key!r} is not a string; JSON objects need string keys")
-                stack.append((sub, f"{where}.{key}"))
+                _require_utf8(key, f"{where}: key {key!r}")
+                stack.append((sub, f"{where}.{key}", depth + 1))
             continue
         if isinstance(item, (list, tuple)):
             for i, sub in enumerate(item):
-                stack.append((sub, f"{where}[{i}]"))
+                stack.append((sub, f"{where}[{i}]", depth + 1))
             continue
         raise InvalidArgument(
             f"{where}: a {type(item).__name__} cannot be stored as JSON; "
             "use str, int, float, bool, None, lists and dicts"
         )
+
+
+def _require_utf8(text: str, where: str) -> None:
+    # Lone surrogates (e.g. from a bad decode) have no UTF-8 form: Redis could not store them.
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidArgument(f"{where}: the string is not valid Unicode (a lone surrogate); "
+                                  "decode the text properly before passing it") from None
 
 
 def _is_array_like(item: Any) -> bool:
@@ -163,8 +193,17 @@ def _is_array_like(item: Any) -> bool:
     return any(hasattr(item, a) for a in ("__array__", "__array_interface__", "__dlpack__", "__cuda_array_interface__"))
 
 
-def _dumps(obj: dict) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+# One encoder for every record: json.dumps with options builds a new encoder per call.
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+def new_id() -> str:
+    """A random id in the format of ``uuid.uuid4().hex`` (32 hex characters), made
+    without the cost of building a UUID object."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40  # version 4
+    raw[8] = (raw[8] & 0x3F) | 0x80  # RFC 4122 variant
+    return raw.hex()
 
 
 def _check_optional(value: Any, kind: type, where: str, minimum: Optional[int] = None) -> None:
@@ -181,23 +220,28 @@ def task_from_input(item: Any, run_id: str) -> PromptTask:
     if isinstance(item, PromptTask):
         task = item
     elif isinstance(item, Mapping):
-        unknown = set(item) - {f.name for f in fields(PromptTask)}
+        unknown = set(item) - _TASK_FIELD_NAMES
         if unknown:
             raise InvalidArgument(f"unknown prompt task field(s): {', '.join(sorted(unknown))}")
         data = dict(item)
         data.setdefault("run_id", run_id)
         if data.get("task_id") is None:
-            data["task_id"] = uuid.uuid4().hex
-        task = PromptTask(**data)
+            data["task_id"] = new_id()
+        data.setdefault("attempt", 0)
+        task = _built(PromptTask, _TASK_DEFAULTS, data)  # = PromptTask(**data): every name is a field
     else:
         raise InvalidArgument(f"a prompt task must be a PromptTask or a dict, got {type(item).__name__}")
     if task.run_id != run_id:
         raise InvalidArgument(f"task {task.task_id!r} belongs to run {task.run_id!r}, not {run_id!r}")
     validate_item_id(task.task_id, "task id")
-    _check_optional(task.max_length, int, f"task {task.task_id}: max_length", 1)
-    _check_optional(task.estimated_bytes, int, f"task {task.task_id}: estimated_bytes", 0)
+    # Optional fields are mostly unset: build a message only for a value to check.
+    if task.max_length is not None:
+        _check_optional(task.max_length, int, f"task {task.task_id}: max_length", 1)
+    if task.estimated_bytes is not None:
+        _check_optional(task.estimated_bytes, int, f"task {task.task_id}: estimated_bytes", 0)
     for name in ("chat_template", "loss_mask_policy", "target_model_version", "draft_weight_version"):
-        _check_optional(getattr(task, name), str, f"task {task.task_id}: {name}")
+        if getattr(task, name) is not None:
+            _check_optional(getattr(task, name), str, f"task {task.task_id}: {name}")
     if not isinstance(task.source_id, str):
         raise InvalidArgument(f"task {task.task_id}: source_id must be a string")
     if type(task.attempt) is not int or task.attempt < 0:
@@ -220,7 +264,25 @@ def encode_task(task: PromptTask) -> str:
 
 
 def decode_task(task_id: str, run_id: str, attempt: int, text: str) -> PromptTask:
-    return PromptTask(task_id=task_id, run_id=run_id, attempt=attempt, **json.loads(text))
+    data = json.loads(text)
+    if not data.keys() <= _TASK_FIELD_NAMES:
+        return PromptTask(task_id=task_id, run_id=run_id, attempt=attempt, **data)  # raises, naming the field
+    return _built(PromptTask, _TASK_DEFAULTS, data, task_id=task_id, run_id=run_id, attempt=attempt)
+
+
+def _built(cls: type, defaults: dict, data: dict, **ids: Any) -> Any:
+    """A frozen record from fields this module stored and checked itself, without the
+    dataclass __init__ (a field at a time through object.__setattr__: the largest
+    cost of decoding a lease). Equal to ``cls(**ids, **data)``; defaults that are
+    dicts are copied, as their default_factory would make fresh ones."""
+    record = object.__new__(cls)
+    values = record.__dict__
+    values.update(ids)
+    values.update(data)
+    for name, default in defaults.items():
+        if name not in data:
+            values[name] = dict(default) if type(default) is dict else default
+    return record
 
 
 def check_ref(ref: Any, run_id: str) -> SampleRef:
@@ -272,7 +334,7 @@ def encode_ref(ref: SampleRef) -> str:
         "source_task_id": ref.source_task_id,
         "feature_store_uri": ref.feature_store_uri,
         "feature_keys": list(ref.feature_keys),
-        "feature_specs": [s.to_json() for s in ref.feature_specs],
+        "feature_specs": [_spec_json(s) for s in ref.feature_specs],
         "strategy": ref.strategy,
     }
     for name, default in _REF_DEFAULTS.items():
@@ -287,5 +349,20 @@ def encode_ref(ref: SampleRef) -> str:
 def decode_ref(sample_id: str, run_id: str, text: str) -> SampleRef:
     data = json.loads(text)
     data["feature_keys"] = tuple(data["feature_keys"])
-    data["feature_specs"] = tuple(FeatureSpec.from_json(s) for s in data["feature_specs"])
-    return SampleRef(sample_id=sample_id, run_id=run_id, **data)
+    data["feature_specs"] = tuple(_feature_spec(s["name"], tuple(s["shape"]), s["dtype"])
+                                  for s in data["feature_specs"])
+    if not data.keys() <= _REF_FIELD_NAMES or not _REF_REQUIRED <= data.keys():
+        return SampleRef(sample_id=sample_id, run_id=run_id, **data)  # raises, naming the field
+    return _built(SampleRef, _REF_DEFAULTS, data, sample_id=sample_id, run_id=run_id)
+
+
+@functools.lru_cache(maxsize=4096)
+def _spec_json(spec: FeatureSpec) -> dict:
+    # The same few specs in every ref of a run: build their JSON form once (read-only).
+    return spec.to_json()
+
+
+@functools.lru_cache(maxsize=4096)
+def _feature_spec(name: str, shape: tuple, dtype: str) -> FeatureSpec:
+    # Samples of a run share a few specs; FeatureSpec is frozen, so one object serves all.
+    return FeatureSpec(name=name, shape=shape, dtype=dtype)

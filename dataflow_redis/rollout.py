@@ -52,7 +52,8 @@ class RolloutWorker:
         """
         _args.count(max_tasks, "max_tasks")
         reply = self.cp._run(
-            "lease_prompts", [self.worker_id, max_tasks, self._lease_ms, RECLAIM_PER_CALL], request_id
+            "lease_prompts", [self.worker_id, max_tasks, self._lease_ms, RECLAIM_PER_CALL], request_id,
+            scope=self.worker_id,
         )
         run_id, text = self.cp.run_id, _args.text
         tasks = []
@@ -75,7 +76,7 @@ class RolloutWorker:
         for ref in checked:
             source = ref.source_task_id or ""
             args += [ref.sample_id, source, self._tokens.get(source, ""), encode_ref(ref)]
-        fresh = self.cp._run("commit_samples", args, request_id)
+        fresh = self.cp._run("commit_samples", args, request_id, scope=self.worker_id)
         for ref in checked:
             self._tokens.pop(ref.source_task_id or "", None)
         return [_args.text(s) for s in fresh]
@@ -91,7 +92,7 @@ class RolloutWorker:
         args: list = [self.worker_id, _args.reason(reason), int(_args.flag(retryable, "retryable"))]
         for task_id in ids:
             args += [task_id, self._tokens.get(task_id, "")]
-        affected = [_args.text(t) for t in self.cp._run("fail_prompts", args, request_id)]
+        affected = [_args.text(t) for t in self.cp._run("fail_prompts", args, request_id, scope=self.worker_id)]
         for task_id in ids:
             self._tokens.pop(task_id, None)
         return affected

@@ -21,16 +21,16 @@ from __future__ import annotations
 import functools
 import re
 import time
-import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import redis
 
 from . import errors
 from .keys import KEY_NAMES, RunKeys
+from .records import new_id
 
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.M)
 
@@ -111,44 +111,93 @@ class ScriptRunner:
         self.retry_s = retry_s
         self._scripts = {}
         self._key_lists = {}
+        self._reply_slots = {}
         for name, script in load_scripts().items():
             self._scripts[name] = client.register_script(script.source)
             self._key_lists[name] = [
                 None if n == "reply" else getattr(keys, n) for n in script.key_names
             ]
+            self._reply_slots[name] = script.key_names.index("reply") if "reply" in script.key_names else None
 
-    def __call__(self, name: str, args: Sequence[Any], request_id: str | None = None) -> Any:
-        """Run script ``name`` with ARGV ``args``; returns the script's reply."""
+    def __call__(self, name: str, args: Sequence[Any], request_id: str | None = None,
+                 scope: str = "") -> Any:
+        """Run script ``name`` with ARGV ``args``; returns the script's reply.
+
+        ``scope`` names the caller (a worker or trainer id): a cached reply is found only
+        by the same operation from the same caller with the same ``request_id``.
+        """
         keys = self._key_lists[name]
-        if None in keys:
-            reply_key = self.keys.reply(request_id or uuid.uuid4().hex)
-            keys = [reply_key if k is None else k for k in keys]
+        slot = self._reply_slots[name]
+        if slot is not None:
+            # Without the operation and caller in the key, a request id reused for a lease
+            # and then a commit, or by two trainers acking the same step, would be handed
+            # another call's cached reply and apply nothing.
+            keys = keys.copy()
+            keys[slot] = self.keys.reply(f"{name}:{scope}:{request_id}" if request_id else new_id())
         script = self._scripts[name]
+        # EVALSHA straight through the client: redis-py's Script wrapper costs several
+        # microseconds a call. A NOSCRIPT (SCRIPT FLUSH, a failover to a server that
+        # never saw the script) loads it and tries again, as the wrapper would.
+        command = ("EVALSHA", script.sha, len(keys), *keys, *args)
+        execute = self.client.execute_command
         deadline = None
         delay = 0.05
+        load = False
         while True:
             try:
-                return script(keys=keys, args=args)
+                if load:
+                    script.sha = self.client.script_load(script.script)
+                    command = ("EVALSHA", script.sha, *command[2:])
+                    load = False
+                return execute(*command)
+            except redis.exceptions.NoScriptError:
+                load = True
             except redis.ResponseError as exc:
                 raise _translate(exc) from None
+            except UnicodeEncodeError as exc:  # raised while packing the call: nothing was sent
+                raise errors.InvalidArgument(
+                    f"an argument is not valid Unicode ({exc.reason}: {exc.object[exc.start:exc.end]!r}); "
+                    "decode the text properly before passing it"
+                ) from None
             except redis.AuthenticationError as exc:
                 raise errors.AuthenticationFailed(f"Redis refused the credentials: {exc}") from None
             except RETRYABLE as exc:
                 now = time.monotonic()
                 if deadline is None:
                     deadline = now + self.retry_s
-                if now + delay > deadline:
+                if now >= deadline:
                     raise errors.ConnectionFailed(
-                        f"Redis unreachable for {self.retry_s:.0f}s ({exc}); check that it is "
+                        f"Redis unreachable for {self.retry_s:g}s ({exc}); check that it is "
                         "running and that the URL is right"
                     ) from None
-                time.sleep(delay)
+                # The last sleep is cut short so that one more try lands at the deadline.
+                time.sleep(min(delay, deadline - now))
                 delay = min(delay * 2, 1.0)
+
+
+def mapped_errors(read: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for the plain (non-script) reads: raise this library's errors
+    (AuthenticationFailed, ConnectionFailed, ...) instead of redis-py's."""
+
+    @functools.wraps(read)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return read(*args, **kwargs)
+        except redis.ResponseError as exc:
+            raise _translate(exc) from None
+        except redis.AuthenticationError as exc:
+            raise errors.AuthenticationFailed(f"Redis refused the credentials: {exc}") from None
+        except RETRYABLE as exc:
+            raise errors.ConnectionFailed(
+                f"Redis unreachable ({exc}); check that it is running and that the URL is right") from None
+
+    return wrapper
 
 
 def _translate(exc: redis.ResponseError) -> errors.DataflowError:
     message = str(exc)
-    if message.startswith("NOPERM") or "NOPERM" in message[:40]:
+    # redis-py strips the NOPERM code when it raises its NoPermissionError subclass.
+    if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in message[:40]:
         return errors.AuthenticationFailed(
             f"the Redis user may not run this ({message}); see the ACL line in docs/reliability.md"
         )

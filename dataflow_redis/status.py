@@ -68,9 +68,15 @@ def _snapshot(now_ms: int, bp: dict, config: dict, shards: dict, stale: list) ->
     low = _int(config, "low_watermark_bytes", None)
     max_total, max_seen = 0, False
     weighted_age, weight, oldest = 0.0, 0, None
-    for value in shards.values():
+    stale_after_s = float(config["stale_after_s"]) if config.get("stale_after_s") else None
+    stale_now = set(stale)
+    for shard_id, value in shards.items():
         _seq, res, cap, avg, old, at_ms = value.split("|")
         aged_s = max(0, now_ms - int(at_ms)) / 1000  # ages advance while a shard is silent
+        if stale_after_s is not None and aged_s >= stale_after_s:
+            # Silent past the limit but not yet marked (marking needs a write, which a
+            # read-only status cannot do): still shown as stale.
+            stale_now.add(shard_id)
         if cap:
             max_total, max_seen = max_total + int(cap), True
         if avg:
@@ -107,5 +113,5 @@ def _snapshot(now_ms: int, bp: dict, config: dict, shards: dict, stale: list) ->
         "operator_paused": bp.get("operator_paused") == "1",
         "operator_reason": bp.get("operator_reason") if bp.get("operator_paused") == "1" else None,
         "shards": len(shards),
-        "stale_shards": stale,
+        "stale_shards": sorted(stale_now),
     }

@@ -77,6 +77,7 @@ class Trainer:
             "lease_samples",
             [self.trainer_id, max_refs, self._lease_ms, int(final), RECLAIM_PER_CALL],
             request_id,
+            scope=self.trainer_id,
         )
         run_id, text = self.cp.run_id, _args.text
         refs = []
@@ -102,7 +103,7 @@ class Trainer:
                       int(_args.flag(optimizer_durable, "optimizer_durable"))]
         for sample_id in ids:
             args += [sample_id, self._tokens.get(sample_id, "")]
-        acked = [_args.text(s) for s in self.cp._run("ack_samples", args, request_id)]
+        acked = [_args.text(s) for s in self.cp._run("ack_samples", args, request_id, scope=self.trainer_id)]
         for sample_id in ids:
             self._tokens.pop(sample_id, None)
         return acked
@@ -114,7 +115,7 @@ class Trainer:
         args: list = [self.trainer_id, _args.reason(reason), int(_args.flag(retryable, "retryable"))]
         for sample_id in ids:
             args += [sample_id, self._tokens.get(sample_id, "")]
-        affected = [_args.text(s) for s in self.cp._run("fail_samples", args, request_id)]
+        affected = [_args.text(s) for s in self.cp._run("fail_samples", args, request_id, scope=self.trainer_id)]
         for sample_id in ids:
             self._tokens.pop(sample_id, None)
         return affected

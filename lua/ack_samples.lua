@@ -17,7 +17,7 @@
 -- @include util
 
 local trainer, step_arg, durable = ARGV[1], ARGV[2], ARGV[3] == '1'
-local cfg = load_config()
+local cfg = load_config({'reply_ttl_s'})
 local cached = cached_reply()
 if cached then return split_words(cached) end
 
@@ -32,19 +32,31 @@ if step_arg ~= '' then
 end
 local score = math.max(step, 0)
 
-local acked = {}
-for i = 4, #ARGV, 2 do
-  local sample_id, token = ARGV[i], ARGV[i + 1]
-  if holds(redis.call('HGET', K.train_leases, sample_id), trainer, token) then
-    redis.call('HDEL', K.train_leases, sample_id)
-    redis.call('ZREM', K.train_deadlines, sample_id)
-    redis.call('SADD', K.acked, sample_id)
-    if durable then
-      redis.call('HDEL', K.samples, sample_id)
-    else
-      redis.call('ZADD', K.undurable, score, sample_id)
-    end
+-- Sample i (1-based) has its id at ARGV[2i + 2] and token at ARGV[2i + 3].
+local ids = {}
+for i = 4, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
+local leases = get_many('HMGET', K.train_leases, ids)
+local acked, seen = {}, {}
+for i = 1, #ids do
+  local sample_id = ids[i]
+  if not seen[sample_id] and holds(leases[i], trainer, ARGV[2 * i + 3]) then
+    seen[sample_id] = true
     acked[#acked + 1] = sample_id
+  end
+end
+if #acked > 0 then
+  call_many('HDEL', K.train_leases, acked)
+  call_many('ZREM', K.train_deadlines, acked)
+  call_many('SADD', K.acked, acked)
+  if durable then
+    call_many('HDEL', K.samples, acked)
+  else
+    local score_text, scored = int_text(score), {}
+    for i = 1, #acked do
+      scored[2 * i - 1] = score_text
+      scored[2 * i] = acked[i]
+    end
+    call_many('ZADD', K.undurable, scored)
   end
 end
 
@@ -54,7 +66,7 @@ if durable and step >= 0 then
   redis.call('HSET', K.durable, 'durable_global_step', step)
   -- Samples consumed up to this step are now covered by a durable checkpoint.
   local covered = redis.call('ZRANGEBYSCORE', K.undurable, '-inf', step)
-  for _, sample_id in ipairs(covered) do redis.call('HDEL', K.samples, sample_id) end
+  call_many('HDEL', K.samples, covered)
   if #covered > 0 then redis.call('ZREMRANGEBYSCORE', K.undurable, '-inf', step) end
 end
 redis.call('XADD', K.ack_log, 'MAXLEN', '~', 1000, '*', 'trainer', trainer,

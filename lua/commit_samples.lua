@@ -22,47 +22,91 @@
 -- @include leases
 
 local worker, offline, count = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3])
-local cfg = load_config()
+local cfg = load_config({'max_record_bytes', 'reply_ttl_s'})
 local cached = cached_reply()
 if cached then return split_words(cached) end
 local too_large = check_record_sizes(cfg, 4, 4, count, 0, 3)
 if too_large then return too_large end
 
-local fresh, to_release, fenced = {}, {}, 0
-for i = 0, count - 1 do
-  local base = 4 + 4 * i
-  local sample_id, task_id, token, record = ARGV[base], ARGV[base + 1], ARGV[base + 2], ARGV[base + 3]
-  local accepted = true
-  if not offline and task_id ~= '' then
-    local lease = to_release[task_id] or redis.call('HGET', K.prompt_leases, task_id)
-    if holds(lease, worker, token) then
-      to_release[task_id] = lease
-    else
-      accepted = false
-      fenced = fenced + 1
+-- Ref i (1-based) has its sample id at ARGV[4i], source task at ARGV[4i + 1], lease
+-- token at ARGV[4i + 2] and record at ARGV[4i + 3]. Reads are batched: one command
+-- per key for the whole call.
+local task_ids, task_slot = {}, {}
+if not offline then
+  for i = 1, count do
+    local task_id = ARGV[4 * i + 1]
+    if task_id ~= '' and not task_slot[task_id] then
+      task_ids[#task_ids + 1] = task_id
+      task_slot[task_id] = #task_ids
     end
   end
-  if accepted and redis.call('HSETNX', K.samples, sample_id, record) == 1 then
-    if redis.call('SISMEMBER', K.acked, sample_id) == 1
-        or redis.call('HEXISTS', K.failed_samples, sample_id) == 1 then
-      redis.call('HDEL', K.samples, sample_id)
-    else
-      redis.call('RPUSH', K.train_queue, sample_id)
-      fresh[#fresh + 1] = sample_id
-    end
+end
+local leases = get_many('HMGET', K.prompt_leases, task_ids)
+
+-- Fencing: a ref counts only if this worker holds its source task's lease under the
+-- token it presents. Released after every ref is checked (several refs may share a task).
+local accepted, release, fenced = {}, {}, 0
+for i = 1, count do
+  local task_id = ARGV[4 * i + 1]
+  local slot = task_slot[task_id]
+  if not slot then
+    accepted[#accepted + 1] = i
+  elseif holds(leases[slot], worker, ARGV[4 * i + 2]) then
+    accepted[#accepted + 1] = i
+    release[slot] = true
+  else
+    fenced = fenced + 1
   end
 end
 
-local done = 0
-for task_id, lease in pairs(to_release) do
-  release_prompt_lease(task_id, lease)
-  redis.call('SADD', K.tasks_done, task_id)
-  redis.call('HDEL', K.tasks, task_id)
-  redis.call('HDEL', K.task_bytes, task_id)
-  redis.call('HDEL', K.task_attempts, task_id)
-  done = done + 1
+-- Dedup: a sample id already queued, leased or kept (samples), acked, or failed is
+-- not enqueued again; nor is a second copy within this call.
+local candidates = {}
+for j = 1, #accepted do candidates[j] = ARGV[4 * accepted[j]] end
+local known = get_many('HMGET', K.samples, candidates)
+local unseen, unseen_at, seen = {}, {}, {}
+for j = 1, #candidates do
+  local sample_id = candidates[j]
+  if not known[j] and not seen[sample_id] then
+    seen[sample_id] = true
+    unseen[#unseen + 1] = sample_id
+    unseen_at[#unseen] = accepted[j]
+  end
 end
-if done > 0 then redis.call('HINCRBY', K.counters, 'prompts_done', done) end
+local was_failed = hmget_sparse(K.failed_samples, unseen)
+local fresh, records = {}, {}
+for j = 1, #unseen do
+  if not was_failed[j] and redis.call('SISMEMBER', K.acked, unseen[j]) == 0 then
+    fresh[#fresh + 1] = unseen[j]
+    records[#records + 1] = unseen[j]
+    records[#records + 1] = ARGV[4 * unseen_at[j] + 3]
+  end
+end
+call_many('HSET', K.samples, records)
+call_many('RPUSH', K.train_queue, fresh)
+
+-- Release the source leases: the holder is this worker (holds() checked it).
+local done_ids, reserved = {}, 0
+for slot = 1, #task_ids do
+  if release[slot] then
+    done_ids[#done_ids + 1] = task_ids[slot]
+    reserved = reserved + tonumber(string.match(leases[slot], '^%d+|(%d+)|'))
+  end
+end
+local done = #done_ids
+if done > 0 then
+  call_many('HDEL', K.prompt_leases, done_ids)
+  call_many('ZREM', K.prompt_deadlines, done_ids)
+  if redis.call('HINCRBY', K.worker_inflight, worker, -done) <= 0 then
+    redis.call('HDEL', K.worker_inflight, worker)
+  end
+  if reserved > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', -reserved) end
+  call_many('SADD', K.tasks_done, done_ids)
+  call_many('HDEL', K.tasks, done_ids)
+  hdel_sparse(K.task_bytes, done_ids)
+  hdel_sparse(K.task_attempts, done_ids)
+  redis.call('HINCRBY', K.counters, 'prompts_done', done)
+end
 if fenced > 0 then redis.call('HINCRBY', K.counters, 'fenced_commits', fenced) end
 if #fresh > 0 then
   redis.call('HINCRBY', K.counters, 'samples_committed', #fresh)

@@ -11,7 +11,7 @@
 --          first reply.
 -- @include util
 
-local cfg = load_config()
+local cfg = load_config({'max_record_bytes', 'reply_ttl_s'})
 local cached = cached_reply()
 if cached then return split_words(cached) end
 
@@ -19,16 +19,31 @@ local count = tonumber(ARGV[1])
 local too_large = check_record_sizes(cfg, 2, 3, count, 0, 2)
 if too_large then return too_large end
 
-local fresh = {}
-for i = 0, count - 1 do
-  local task_id, bytes, record = ARGV[2 + 3 * i], ARGV[3 + 3 * i], ARGV[4 + 3 * i]
-  if redis.call('SISMEMBER', K.tasks_done, task_id) == 0
-      and redis.call('HSETNX', K.tasks, task_id, record) == 1 then
-    if bytes ~= '' then redis.call('HSET', K.task_bytes, task_id, bytes) end
-    redis.call('RPUSH', K.pending, task_id)
+-- Task i (1-based) has its id at ARGV[3i - 1], its bytes at ARGV[3i], its record at ARGV[3i + 1].
+local ids = {}
+for i = 1, count do ids[i] = ARGV[3 * i - 1] end
+local live = get_many('HMGET', K.tasks, ids)
+
+local fresh, seen, records, sizes = {}, {}, {}, {}
+for i = 1, count do
+  local task_id = ids[i]
+  if not live[i] and not seen[task_id] and redis.call('SISMEMBER', K.tasks_done, task_id) == 0 then
+    seen[task_id] = true  -- an id twice in one call: the first copy wins
     fresh[#fresh + 1] = task_id
+    records[#records + 1] = task_id
+    records[#records + 1] = ARGV[3 * i + 1]
+    local nbytes = ARGV[3 * i]
+    if nbytes ~= '' then
+      sizes[#sizes + 1] = task_id
+      sizes[#sizes + 1] = nbytes
+    end
   end
 end
-if #fresh > 0 then redis.call('HINCRBY', K.counters, 'prompts', #fresh) end
+if #fresh > 0 then
+  call_many('HSET', K.tasks, records)
+  call_many('HSET', K.task_bytes, sizes)
+  call_many('RPUSH', K.pending, fresh)
+  redis.call('HINCRBY', K.counters, 'prompts', #fresh)
+end
 remember_reply(cfg, table.concat(fresh, ' '))
 return fresh

@@ -22,8 +22,9 @@
 -- @include leases
 
 local worker, max_tasks, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local cfg = load_config()
-local now = now_ms()
+local cfg = load_config({'reply_ttl_s', 'max_prompt_attempts', 'backpressure', 'high_watermark_bytes',
+  'low_watermark_bytes', 'max_inflight_prompts_per_worker', 'default_task_bytes', 'stale_after_s'})
+local now, now_text = server_time()
 
 local function grant_reply(pairs_text)
   -- Replay a cached grant: return the tasks still leased under the same tokens.
@@ -44,16 +45,18 @@ end
 local cached = cached_reply()
 if cached then return grant_reply(cached) end
 
-reclaim_prompts(cfg, now, tonumber(ARGV[4]))
-redis.call('ZADD', K.workers, now, worker)
+reclaim_prompts(cfg, now, ARGV[4], now_text)
+redis.call('ZADD', K.workers, now_text, worker)
 
-local bp = redis.call('HMGET', K.bp, 'operator_paused', 'resident_bytes', 'reserved_bytes')
+-- Everything this call reads of the backpressure state, in one read.
+local bp = redis.call('HMGET', K.bp, 'operator_paused', 'resident_bytes', 'reserved_bytes', 'paused',
+  'rollout_starved_since')
 local want = max_tasks
 local refused_by_backpressure = (bp[1] == '1')
 if refused_by_backpressure then want = 0 end
 if cfg.backpressure and want > 0 then
   mark_stale_shards(cfg, now)
-  if evaluate_latch(cfg, now, 'lease by ' .. worker) then
+  if evaluate_latch(cfg, now, 'lease by ' .. worker, bp[4], bp[2]) then
     want = 0
     refused_by_backpressure = true
   elseif cfg.max_inflight_prompts_per_worker then
@@ -66,39 +69,63 @@ end
 local high = cfg.backpressure and cfg.high_watermark_bytes
 local resident, reserved = tonumber(bp[2] or 0), tonumber(bp[3] or 0)
 local default_bytes = cfg.default_task_bytes or 0
-local out, tokens, added_bytes = {}, {}, 0
-while #tokens < want * 2 do
-  local task_id = redis.call('LPOP', K.pending)
-  if not task_id then break end
-  local bytes = tonumber(redis.call('HGET', K.task_bytes, task_id) or default_bytes)
+local ids = {}
+if want > 0 then ids = redis.call('LPOP', K.pending, want == max_tasks and ARGV[2] or int_text(want)) or {} end
+local sizes = hmget_sparse(K.task_bytes, ids)
+local granted, added_bytes = 0, 0
+for i = 1, #ids do
+  local bytes = tonumber(sizes[i] or default_bytes)
   if high and bytes > 0 and resident + reserved + added_bytes + bytes > high
       and not (reserved + added_bytes == 0 and resident < high) then
-    redis.call('LPUSH', K.pending, task_id)
+    -- This task and the ones after it go back to the head of pending, in order.
+    local rest = {}
+    for j = #ids, i, -1 do rest[#rest + 1] = ids[j] end
+    call_many('LPUSH', K.pending, rest)
     refused_by_backpressure = true
     break
   end
-  local token = redis.call('HINCRBY', K.counters, 'fence', 1)
-  redis.call('HSET', K.prompt_leases, task_id, token .. '|' .. bytes .. '|' .. now .. '|' .. worker)
-  redis.call('ZADD', K.prompt_deadlines, now + lease_ms, task_id)
+  sizes[i] = bytes
   added_bytes = added_bytes + bytes
-  tokens[#tokens + 1] = task_id
-  tokens[#tokens + 1] = token
-  out[#out + 1] = task_id
-  out[#out + 1] = token
-  out[#out + 1] = tonumber(redis.call('HGET', K.task_attempts, task_id) or 0)
-  out[#out + 1] = redis.call('HGET', K.tasks, task_id)
+  granted = i
 end
 
-local granted = #tokens / 2
+local out, tokens = {}, {}
 if granted > 0 then
-  redis.call('HINCRBY', K.worker_inflight, worker, granted)
+  local granted_ids = ids
+  if granted < #ids then
+    granted_ids = {}
+    for i = 1, granted do granted_ids[i] = ids[i] end
+  end
+  local granted_text = int_text(granted)
+  local first = redis.call('HINCRBY', K.counters, 'fence', granted_text) - granted
+  local deadline = int_text(now + lease_ms)
+  local attempts = hmget_sparse(K.task_attempts, granted_ids)
+  local records = get_many('HMGET', K.tasks, granted_ids)
+  local lease_pairs, deadline_pairs = {}, {}
+  for i = 1, granted do
+    local task_id, token = ids[i], first + i
+    local token_text = int_text(token)
+    lease_pairs[2 * i - 1] = task_id
+    lease_pairs[2 * i] = token_text .. '|' .. int_text(sizes[i]) .. '|' .. now_text .. '|' .. worker
+    deadline_pairs[2 * i - 1] = deadline
+    deadline_pairs[2 * i] = task_id
+    tokens[2 * i - 1] = task_id
+    tokens[2 * i] = token_text
+    out[4 * i - 3] = task_id
+    out[4 * i - 2] = token
+    out[4 * i - 1] = tonumber(attempts[i] or 0)
+    out[4 * i] = records[i]
+  end
+  call_many('HSET', K.prompt_leases, lease_pairs)
+  call_many('ZADD', K.prompt_deadlines, deadline_pairs)
+  redis.call('HINCRBY', K.worker_inflight, worker, granted_text)
   if added_bytes > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', added_bytes) end
-  starvation_ends('rollout', now)
+  starvation_ends('rollout', now, bp[5])
 elseif refused_by_backpressure and redis.call('LLEN', K.pending) > 0 then
   redis.call('HINCRBY', K.bp, 'rollout_starved', 1)
   starvation_begins('rollout', now)
 elseif redis.call('LLEN', K.pending) == 0 then
-  starvation_ends('rollout', now)
+  starvation_ends('rollout', now, bp[5])
 end
 remember_reply(cfg, table.concat(tokens, ' '))
 return out

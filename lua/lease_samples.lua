@@ -15,8 +15,8 @@
 -- @include leases
 
 local trainer, max_refs, lease_ms = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local cfg = load_config()
-local now = now_ms()
+local cfg = load_config({'reply_ttl_s', 'backpressure', 'max_train_lease'})
+local now, now_text = server_time()
 
 local cached = cached_reply()
 if cached then
@@ -32,23 +32,33 @@ if cached then
   return out
 end
 
-reclaim_samples(now, tonumber(ARGV[5]))
-redis.call('ZADD', K.trainers, now, trainer)
+reclaim_samples(now, ARGV[5], now_text)
+redis.call('ZADD', K.trainers, now_text, trainer)
 if cfg.backpressure and cfg.max_train_lease then max_refs = math.min(max_refs, cfg.max_train_lease) end
 
-local ids = redis.call('LPOP', K.train_queue, max_refs)
+local ids = redis.call('LPOP', K.train_queue, int_text(max_refs))
 local out, tokens = {}, {}
 if ids then
-  for _, sample_id in ipairs(ids) do
-    local token = redis.call('HINCRBY', K.counters, 'fence', 1)
-    redis.call('HSET', K.train_leases, sample_id, token .. '|0|' .. now .. '|' .. trainer)
-    redis.call('ZADD', K.train_deadlines, now + lease_ms, sample_id)
-    tokens[#tokens + 1] = sample_id
-    tokens[#tokens + 1] = token
-    out[#out + 1] = sample_id
-    out[#out + 1] = token
-    out[#out + 1] = redis.call('HGET', K.samples, sample_id)
+  local n = #ids
+  local first = redis.call('HINCRBY', K.counters, 'fence', int_text(n)) - n
+  local deadline = int_text(now + lease_ms)
+  local records = get_many('HMGET', K.samples, ids)
+  local lease_pairs, deadline_pairs = {}, {}
+  for i = 1, n do
+    local sample_id, token = ids[i], first + i
+    local token_text = int_text(token)
+    lease_pairs[2 * i - 1] = sample_id
+    lease_pairs[2 * i] = token_text .. '|0|' .. now_text .. '|' .. trainer
+    deadline_pairs[2 * i - 1] = deadline
+    deadline_pairs[2 * i] = sample_id
+    tokens[2 * i - 1] = sample_id
+    tokens[2 * i] = token_text
+    out[3 * i - 2] = sample_id
+    out[3 * i - 1] = token
+    out[3 * i] = records[i]
   end
+  call_many('HSET', K.train_leases, lease_pairs)
+  call_many('ZADD', K.train_deadlines, deadline_pairs)
   starvation_ends('trainer', now)
 else
   redis.call('DEL', K.train_signal)

@@ -14,8 +14,8 @@
 -- @include backpressure
 
 local shard, seq, resident = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
-local cfg = load_config()
-local now = now_ms()
+local cfg = load_config({'high_watermark_bytes', 'low_watermark_bytes', 'stale_after_s'})
+local now, now_text = server_time()
 local previous = redis.call('HGET', K.shards, shard)
 local previous_resident = 0
 if previous then
@@ -26,13 +26,15 @@ if previous then
   end
   previous_resident = tonumber(prev_resident)
 end
-redis.call('HSET', K.shards, shard, table.concat({ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], now}, '|'))
-redis.call('ZADD', K.shard_seen, now, shard)
+redis.call('HSET', K.shards, shard, table.concat({ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], now_text}, '|'))
+redis.call('ZADD', K.shard_seen, now_text, shard)
+-- The latch state and the peak, read once (nothing below changes bp.paused before the latch).
+local bp = redis.call('HMGET', K.bp, 'paused', 'peak_resident_bytes')
 local total = redis.call('HINCRBY', K.bp, 'resident_bytes', resident - previous_resident)
-if total > tonumber(redis.call('HGET', K.bp, 'peak_resident_bytes') or 0) then
+if total > tonumber(bp[2] or 0) then
   redis.call('HSET', K.bp, 'peak_resident_bytes', total)
 end
 if redis.call('SREM', K.stale_shards, shard) == 1 then log_event('shard_fresh', shard, now) end
 mark_stale_shards(cfg, now)
-local paused = evaluate_latch(cfg, now, 'capacity report from ' .. shard)
+local paused = evaluate_latch(cfg, now, 'capacity report from ' .. shard, bp[1], total)
 return {1, paused and 1 or 0, total}

@@ -1,7 +1,9 @@
 -- requeue_undurable.lua: recovery after a trainer restarts from its last durable
 -- checkpoint. Samples acked by non-durable acks at a step above `after_step` were
 -- consumed by optimizer steps that are now lost: they return to the head of the
--- train queue (un-acked) so they are trained on again.
+-- train queue (un-acked) so they are trained on again. The recorded global_step rolls
+-- back to `after_step` (those optimizer steps are lost too), so the restarted trainer's
+-- next ack, at after_step + 1, is not refused as a step regression.
 --
 -- KEYS: counters samples train_queue train_signal acked undurable durable
 -- ARGV: [1] after_step ('' = the recorded durable_global_step, or -1 if none)
@@ -11,7 +13,12 @@
 -- @include leases
 
 local after = ARGV[1]
-if after == '' then after = redis.call('HGET', K.durable, 'durable_global_step') or -1 end
+if after == '' then after = redis.call('HGET', K.durable, 'durable_global_step') or '-1' end
+local after_step = tonumber(after)
+if tonumber(redis.call('HGET', K.durable, 'global_step') or -1) > after_step then
+  if after_step >= 0 then redis.call('HSET', K.durable, 'global_step', after)
+  else redis.call('HDEL', K.durable, 'global_step') end
+end
 local ids = redis.call('ZRANGEBYSCORE', K.undurable, '(' .. after, '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
 for _, sample_id in ipairs(ids) do
   redis.call('ZREM', K.undurable, sample_id)

@@ -11,7 +11,8 @@
 local paused, reason = ARGV[1], ARGV[2]
 local now = now_ms()
 local before = redis.call('HGET', K.bp, 'operator_paused') or '0'
-redis.call('HSET', K.bp, 'operator_paused', paused, 'operator_reason', reason, 'operator_at_ms', now)
+-- A repeated call changes nothing: the standing pause keeps its reason and start time.
 if before == paused then return 0 end
+redis.call('HSET', K.bp, 'operator_paused', paused, 'operator_reason', reason, 'operator_at_ms', now)
 log_event(paused == '1' and 'operator_pause' or 'operator_resume', reason, now)
 return 1

@@ -20,10 +20,15 @@ end
 -- "resident < high" only matters when low == high: without it a run sitting exactly
 -- on the threshold would pause and resume on alternate calls. No high watermark:
 -- never paused (a latch left paused by an older config is released).
-local function evaluate_latch(cfg, now, reason)
-  local state = redis.call('HMGET', K.bp, 'paused', 'resident_bytes')
-  local paused = state[1] == '1'
-  local resident = tonumber(state[2] or 0)
+-- A caller that has just read bp.paused and bp.resident_bytes passes them (text or
+-- false, as HMGET returns them) to save reading them again.
+local function evaluate_latch(cfg, now, reason, paused_text, resident_text)
+  if paused_text == nil then
+    local state = redis.call('HMGET', K.bp, 'paused', 'resident_bytes')
+    paused_text, resident_text = state[1], state[2]
+  end
+  local paused = paused_text == '1'
+  local resident = tonumber(resident_text or 0)
   local high = cfg.high_watermark_bytes
   local want = paused
   if not high then
@@ -61,8 +66,9 @@ local function starvation_begins(side, now)
   redis.call('HSETNX', K.bp, side .. '_starved_since', now)
 end
 
-local function starvation_ends(side, now)
-  local since = redis.call('HGET', K.bp, side .. '_starved_since')
+-- `since`: the caller's fresh read of bp.<side>_starved_since (false when unset), if any.
+local function starvation_ends(side, now, since)
+  if since == nil then since = redis.call('HGET', K.bp, side .. '_starved_since') end
   if since then
     redis.call('HINCRBY', K.bp, side .. '_starved_ms', now - tonumber(since))
     redis.call('HDEL', K.bp, side .. '_starved_since')

@@ -42,8 +42,9 @@ local function retry_task(cfg, task_id, reason, now)
 end
 
 -- Expired prompt leases go back to pending (attempt + 1). At most `limit` per call.
-local function reclaim_prompts(cfg, now, limit)
-  local expired = redis.call('ZRANGEBYSCORE', K.prompt_deadlines, '-inf', now, 'LIMIT', 0, limit)
+-- `now_text`, when given, is `now` as text (see server_time).
+local function reclaim_prompts(cfg, now, limit, now_text)
+  local expired = redis.call('ZRANGEBYSCORE', K.prompt_deadlines, '-inf', now_text or now, 'LIMIT', '0', limit)
   for _, task_id in ipairs(expired) do
     local value = redis.call('HGET', K.prompt_leases, task_id)
     if value then
@@ -68,8 +69,8 @@ local function wake_trainers(count)
 end
 
 -- Expired train leases go back to the head of the train queue. At most `limit`.
-local function reclaim_samples(now, limit)
-  local expired = redis.call('ZRANGEBYSCORE', K.train_deadlines, '-inf', now, 'LIMIT', 0, limit)
+local function reclaim_samples(now, limit, now_text)
+  local expired = redis.call('ZRANGEBYSCORE', K.train_deadlines, '-inf', now_text or now, 'LIMIT', '0', limit)
   for _, sample_id in ipairs(expired) do
     redis.call('ZREM', K.train_deadlines, sample_id)
     if redis.call('HDEL', K.train_leases, sample_id) == 1 then

@@ -1,0 +1,121 @@
+"""``dataflow-redis bench`` produces every figure it promises (issue 6).
+
+One small run of the real command (CliRunner, ``--json``) on its own private
+redis-server, with tiny sizes: every section, every operation at two process counts,
+both cycle batch sizes with the LMOVE baseline, both scaling pairs, both memory id
+styles and every target. No assertion on speed: the machine is shared; only on the
+shape and the internal consistency of the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from click.testing import CliRunner
+
+from dataflow_redis.bench import ALL_OPS, CYCLE_STEPS, PAYLOAD, SINGLE_ITEM_OPS, TARGETS, bench_command, format_report
+
+TINY = ["--seconds", "0.03", "--processes", "1,2", "--cycle-processes", "2", "--cycle-seconds", "0.15",
+        "--backlog", "2000", "--workers", "20", "--memory-tasks", "200"]
+
+
+@pytest.fixture(scope="module")
+def result():
+    run = CliRunner().invoke(bench_command, ["--json", *TINY], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    return json.loads(run.stdout)  # progress lines go to stderr
+
+
+def positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_machine_and_settings_are_recorded(result):
+    machine = result["machine"]
+    assert machine["nproc"] >= 1 and machine["python"] and machine["redis_version"]
+    assert machine["redis_server"] != "external (--redis-url)", "without --redis-url it starts its own server"
+    assert result["settings"]["processes"] == [1, 2]
+
+
+def test_every_operation_at_every_process_count_against_the_noop(result):
+    levels = result["ops"]["levels"]
+    assert [level["processes"] for level in levels] == [1, 2]
+    for level in levels:
+        assert positive(level["noop"]["ops_per_s"])
+        assert set(level["ops"]) == set(ALL_OPS)
+        for op, stat in level["ops"].items():
+            assert stat["calls"] > 0 and positive(stat["ops_per_s"]), (level["processes"], op)
+            assert 0 < stat["p50_ms"] <= stat["p99_ms"], (level["processes"], op)
+            assert stat["ratio_to_noop"] == pytest.approx(stat["ops_per_s"] / stat["noop_ops_per_s"], rel=1e-2)
+
+
+def test_full_cycle_and_lmove_baseline_for_both_batch_sizes(result):
+    batches = {b["batch"]: b for b in result["cycle"]["batches"]}
+    assert set(batches) == {1, 64}
+    for b in batches.values():
+        assert positive(b["tasks_per_s"]) and positive(b["lmove_tasks_per_s"])
+        assert b["ratio_to_lmove"] == pytest.approx(b["tasks_per_s"] / b["lmove_tasks_per_s"], rel=1e-2)
+        assert positive(b["client_cpu_us_per_task"]) and positive(b["server_us_per_task"])
+        assert positive(b["lmove_client_cpu_us_per_task"]) and positive(b["lmove_server_us_per_task"])
+
+
+def test_scaling_pairs_cover_every_cycle_step(result):
+    scaling = result["scaling"]
+    assert (scaling["backlog"]["small"], scaling["backlog"]["large"]) == (1000, 2000)
+    assert (scaling["workers"]["small"], scaling["workers"]["large"]) == (10, 20)
+    for pair in ("backlog", "workers"):
+        ops = scaling[pair]["ops"]
+        assert set(ops) == set(CYCLE_STEPS)
+        for op, figure in ops.items():
+            assert positive(figure["small_ms"]) and positive(figure["large_ms"]), (pair, op)
+            assert figure["ratio"] == pytest.approx(figure["large_ms"] / figure["small_ms"], rel=2e-2)
+
+
+def test_memory_per_pending_leased_and_acked_item(result):
+    memory = result["memory"]
+    assert memory["payload_bytes"] == len(PAYLOAD)
+    assert memory["generated"]["task_id_chars"] == 32 and memory["short"]["task_id_chars"] == 8
+    for style in ("generated", "short"):
+        figures = memory[style]
+        # A pending task holds at least its payload and its id; a lease adds a record.
+        assert figures["pending_task_bytes"] > len(PAYLOAD) + figures["task_id_chars"]
+        assert figures["leased_task_bytes"] > figures["pending_task_bytes"]
+        assert positive(figures["acked_sample_bytes"])
+        assert figures["pending_overhead_bytes"] == pytest.approx(figures["pending_task_bytes"] - len(PAYLOAD))
+        assert positive(figures["reply_cache_bytes_per_call"])
+    # 32-character ids cost more than 8-character ones wherever an id is kept.
+    assert memory["generated"]["pending_task_bytes"] > memory["short"]["pending_task_bytes"]
+    assert memory["generated"]["acked_sample_bytes"] > memory["short"]["acked_sample_bytes"]
+
+
+def test_every_target_is_checked(result):
+    targets = result["targets"]
+    names = {t["target"] for t in targets}
+    assert names == {"single-item op / no-op EVALSHA", "batched full cycle tasks/s",
+                     "batched full cycle / LMOVE baseline", "backlog scaling ratio", "workers scaling ratio",
+                     "pending-task overhead bytes", "bytes per acked sample"}
+    assert len([t for t in targets if t["target"] == "single-item op / no-op EVALSHA"]) == 2
+    for t in targets:
+        assert isinstance(t["ok"], bool) and math.isfinite(t["value"])
+    single = [t for t in targets if t["target"] == "single-item op / no-op EVALSHA"]
+    for t, level in zip(single, result["ops"]["levels"]):
+        worst = min(level["ops"][op]["ratio_to_noop"] for op in SINGLE_ITEM_OPS)
+        assert t["value"] == worst and t["ok"] == (worst >= TARGETS["single_item_vs_noop_min"])
+
+
+def test_the_table_shows_every_section(result):
+    text = format_report(result)
+    for title in ("1. operations", "2. full cycle", "3. scaling", "4. memory", "targets"):
+        assert title in text
+    for op in ALL_OPS:
+        assert op in text
+
+
+def test_bad_options_are_refused_with_a_clear_message():
+    runner = CliRunner()
+    run = runner.invoke(bench_command, ["--sections", "ops,speed"])
+    assert run.exit_code == 2 and "unknown section" in run.output
+    run = runner.invoke(bench_command, ["--processes", "1,zero"])
+    assert run.exit_code == 2 and "process counts" in run.output

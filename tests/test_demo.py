@@ -1,0 +1,142 @@
+"""The demo: a real pipeline of OS processes on Redis, with backpressure engaging.
+
+Sizes are small (a few hundred prompts, short sleeps) so each run takes seconds; the
+checks read the run back from Redis themselves instead of trusting the summary.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import uuid
+
+import pytest
+import redis
+from click.testing import CliRunner
+
+from dataflow_redis import ControlPlane
+from dataflow_redis.cli import EXIT_BAD_VALUE, main
+from dataflow_redis.demo import BYTES_PER_TOKEN, sample_id_of
+from dataflow_redis.simstore import SimulatedFeatureStore
+
+CLEAN_ENV = {"DATAFLOW_REDIS_URL": None, "DATAFLOW_RUN": None, "DATAFLOW_NAMESPACE": None}
+# Tight watermarks (a sample is 3-7 KiB, estimated at 4 KiB) and trainers slower than
+# rollout, so the latch must pause and resume within a few hundred prompts.
+SMALL = ["--prompts", "240", "--workers", "3", "--trainers", "1", "--high-watermark", str(24 * 1024),
+         "--low-watermark", str(12 * 1024), "--store-cap", str(64 * 1024), "--rollout-ms", "4",
+         "--train-step-ms", "40", "--train-batch", "8"]
+
+
+def demo_keys_cleanup(client, cp):
+    SimulatedFeatureStore(cp, "sim-0", report=False).delete()
+    client.delete(f"dfr-demo:{{{cp.run_id}}}:plan", f"dfr-demo:{{{cp.run_id}}}:step")
+
+
+@pytest.fixture
+def demo_run(redis_url):
+    """A run id on the session Redis; every key the demo made is removed afterwards."""
+    cp = ControlPlane.from_url(redis_url, f"demo-test-{uuid.uuid4().hex[:8]}")
+    yield cp
+    demo_keys_cleanup(cp.redis, cp)
+    cp.delete()
+    cp.redis.close()
+
+
+def test_demo_json_on_external_redis_loses_nothing_and_engages_backpressure(redis_url, demo_run):
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    proc = subprocess.run(
+        [sys.executable, "-m", "dataflow_redis.cli", "--redis-url", redis_url, "--run", demo_run.run_id,
+         "demo", "--json", *SMALL], capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, "stdout must hold the summary JSON and nothing else"
+    summary = json.loads(lines[0])
+    assert summary["ok"] is True and summary["tasks_lost"] == 0 and summary["samples_acked"] == 240
+
+    # Read the run back from Redis: every task's sample is in the acked set, nothing is
+    # left queued, leased or resident, and the summary's figures are the run's own.
+    cp = demo_run
+    status = cp.status()
+    bp = status["backpressure"]
+    assert (status["prompts"], status["samples_acked"], status["prompts_pending"], status["prompts_leased"],
+            status["queue_depth"], status["queue_in_flight"], status["prompts_failed"]) == (240, 240, 0, 0, 0, 0, 0)
+    acked = cp.redis.smismember(cp.keys.acked, [sample_id_of(f"task-{i:06d}") for i in range(240)])
+    assert all(acked)
+    assert SimulatedFeatureStore(cp, "sim-0", report=False).state().resident_bytes == 0
+    assert bp["resident_bytes"] == 0 and bp["reserved_bytes"] == 0
+    for name in ("pause_transitions", "resume_transitions", "rollout_starved", "peak_resident_bytes"):
+        assert summary[name] == bp[name], name
+
+    # Backpressure engaged: the latch paused and resumed, and every crossing is in the log.
+    assert summary["pause_transitions"] >= 1 and summary["resume_transitions"] >= 1
+    kinds = [e["type"] for e in cp.events(10_000)]
+    assert kinds.count("pause") == bp["pause_transitions"]
+    assert kinds.count("resume") == bp["resume_transitions"]
+    # The store's hard cap held; overshoot past high stays within the in-flight work
+    # (3 workers x cap 4 tasks x 7 KiB largest sample).
+    assert summary["store_peak_bytes"] <= 64 * 1024
+    assert summary["peak_over_high_bytes"] <= 3 * 4 * 14 * BYTES_PER_TOKEN
+    assert 0 < summary["peak_reserved_bytes"] <= 24 * 1024 + 4 * 1024
+    # Progress went to stderr.
+    assert "acked" in proc.stderr and "latch" in proc.stderr
+
+
+def test_demo_on_a_private_redis_with_plot(tmp_path):
+    plot = tmp_path / "demo.png"
+    result = CliRunner(env=CLEAN_ENV).invoke(main, ["demo", "--plot", str(plot), *SMALL])
+    assert result.exit_code == 0, result.stderr
+    out = result.stdout
+    assert "tasks lost      0 of 240" in out and "OK: every ingested task was acked" in out
+    assert re.search(r"latch +\d+ pauses, \d+ resumes", out)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 10_000
+    # The private server is gone once the demo returns.
+    port = int(re.search(r"private redis-server on 127\.0\.0\.1:(\d+)", out).group(1))
+    with pytest.raises(redis.ConnectionError):
+        redis.Redis(port=port, socket_connect_timeout=1).ping()
+
+
+def test_demo_roles_as_separate_commands_like_docker_compose(redis_url, demo_run):
+    """setup, then store, trainer and rollout roles, each its own `dataflow-redis demo
+    --role` process, as the compose services run them."""
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    env.update(DATAFLOW_REDIS_URL=redis_url, DATAFLOW_RUN=demo_run.run_id)
+    cli = [sys.executable, "-m", "dataflow_redis.cli", "demo"]
+    setup = subprocess.run(cli + ["--role", "setup", *SMALL], capture_output=True, text=True, env=env, timeout=60)
+    assert setup.returncode == 0, setup.stderr
+    assert f"run {demo_run.run_id} set up with 240 prompts" in setup.stdout
+    again = subprocess.run(cli + ["--role", "setup"], capture_output=True, text=True, env=env, timeout=60)
+    assert "already set up" in again.stdout and demo_run.status()["prompts"] == 240
+
+    roles = [["--role", "store"], ["--role", "trainer", "--index", "0"], ["--role", "rollout", "--index", "0"],
+             ["--role", "rollout"]]
+    procs = [subprocess.Popen(cli + r, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for r in roles]
+    try:
+        outputs = [p.communicate(timeout=180) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 0, err
+        assert "finished on run" in out
+    status = demo_run.status()
+    assert (status["samples_acked"], status["train_backlog"], status["prompts_pending"]) == (240, 0, 0)
+    workers = set(demo_run.redis.zrange(demo_run.keys.workers, 0, -1))
+    assert "rollout-0" in workers and len(workers) == 2  # the second id came from host name and pid
+
+
+def test_demo_refuses_an_existing_run_and_bad_sizes(redis_url, demo_run):
+    demo_run.configure(max_prompt_attempts=2)
+    runner = CliRunner(env=CLEAN_ENV)
+    result = runner.invoke(main, ["--redis-url", redis_url, "--run", demo_run.run_id, "demo", "--prompts", "5"])
+    assert result.exit_code == EXIT_BAD_VALUE and "already exists" in result.stderr
+    result = runner.invoke(main, ["demo", "--high-watermark", "1000", "--low-watermark", "2000"])
+    assert result.exit_code == EXIT_BAD_VALUE
+    assert result.stderr.strip().count("\n") == 0 and "low watermark" in result.stderr
+    result = runner.invoke(main, ["demo", "--role", "rollout"])
+    assert result.exit_code == EXIT_BAD_VALUE and "--role needs --redis-url" in result.stderr

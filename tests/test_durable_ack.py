@@ -1,0 +1,162 @@
+"""The durable ack (issue point 6).
+
+One script records the acked ids, global_step and optimizer_durable together with the
+lease release; a lower global_step is refused with StepRegression and writes nothing;
+optimizer_durable is recorded per ack (ack_log), durable_global_step moves only on
+durable acks; requeue_undurable() is the recovery rule for non-durable acks.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import dump_run, make_ref
+from dataflow_redis import InvalidArgument, StepRegression
+from dataflow_redis.scripts import load_scripts
+
+
+def leased_trainer(cp, ids, trainer_id="tr"):
+    cp.enqueue_offline_refs([make_ref(cp, i) for i in ids])
+    t = cp.trainer(trainer_id=trainer_id, lease_s=60)
+    assert [r.sample_id for r in t.lease(len(ids))] == list(ids)
+    return t
+
+
+def successful_evalsha_calls(cp) -> int:
+    stats = cp.redis.info("commandstats")["cmdstat_evalsha"]
+    return stats["calls"] - stats.get("failed_calls", 0)
+
+
+def ack_log(cp):
+    return [fields for _, fields in cp.redis.xrange(cp.keys.ack_log)]
+
+
+def test_ack_is_one_script_that_writes_ids_step_flag_and_releases_leases(cp):
+    # The durable transaction is a single script touching every key it records.
+    keys = set(load_scripts()["ack_samples"].key_names)
+    assert {"acked", "durable", "ack_log", "train_leases", "train_deadlines", "undurable"} <= keys
+
+    t = leased_trainer(cp, ["s0", "s1"])
+    t.ack([], global_step=0)  # loads the script, so the count below has no NOSCRIPT retry
+    evalsha_before = successful_evalsha_calls(cp)
+    assert t.ack(["s0", "s1"], global_step=5, optimizer_durable=True) == ["s0", "s1"]
+    assert successful_evalsha_calls(cp) - evalsha_before == 1, "the ack must be one script call"
+    assert cp.redis.smembers(cp.keys.acked) == {"s0", "s1"}
+    assert cp.redis.hgetall(cp.keys.durable) == {"global_step": "5", "durable_global_step": "5"}
+    assert cp.redis.hlen(cp.keys.train_leases) == 0 and cp.redis.zcard(cp.keys.train_deadlines) == 0
+    assert ack_log(cp)[-1] == {"trainer": "tr", "global_step": "5", "optimizer_durable": "1", "acked": "2"}
+    status = cp.status()
+    assert status["durable_global_step"] == 5 and status["durable_acked"] == 2
+
+
+def test_a_lower_global_step_is_refused_and_writes_nothing(cp):
+    t = leased_trainer(cp, ["s0", "s1"])
+    assert t.ack(["s0"], global_step=10, optimizer_durable=False) == ["s0"]
+    before = dump_run(cp)
+    with pytest.raises(StepRegression, match="global_step 9 is below the recorded global_step 10"):
+        t.ack(["s1"], global_step=9, optimizer_durable=True)
+    assert dump_run(cp) == before
+    assert isinstance(StepRegression("x"), InvalidArgument)
+    # The trainer still holds s1 and can ack it at a valid step; equal steps are fine
+    # (data-parallel trainers ack at the same step).
+    assert t.ack(["s1"], global_step=10, optimizer_durable=True) == ["s1"]
+
+
+def test_a_step_regression_without_ids_also_writes_nothing(cp):
+    t = leased_trainer(cp, ["s0"])
+    t.ack(["s0"], global_step=3)
+    before = dump_run(cp)
+    with pytest.raises(StepRegression):
+        t.ack([], global_step=2, optimizer_durable=True)
+    assert dump_run(cp) == before
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "3", True, 2**53])
+def test_bad_global_step_is_refused_before_redis(cp, bad):
+    t = leased_trainer(cp, ["s0"])
+    before = dump_run(cp)
+    with pytest.raises(InvalidArgument, match="global_step"):
+        t.ack(["s0"], global_step=bad)
+    assert dump_run(cp) == before
+
+
+def test_optimizer_durable_is_recorded_per_ack_not_as_a_run_wide_flag(cp):
+    t = leased_trainer(cp, ["a", "b", "c", "d"])
+    t.ack(["a"], global_step=1, optimizer_durable=True)
+    t.ack(["b"], global_step=2, optimizer_durable=False)
+    other = cp.trainer(trainer_id="tr2")
+    other.ack([], global_step=2, optimizer_durable=False)
+    t.ack(["c"], global_step=3, optimizer_durable=False)
+    log = ack_log(cp)
+    assert [(e["trainer"], e["global_step"], e["optimizer_durable"], e["acked"]) for e in log] == [
+        ("tr", "1", "1", "1"), ("tr", "2", "0", "1"), ("tr2", "2", "0", "0"), ("tr", "3", "0", "1")]
+    # The last writer was non-durable; the durable marker still says step 1.
+    marker = cp.redis.hgetall(cp.keys.durable)
+    assert marker == {"global_step": "3", "durable_global_step": "1"}
+    status = cp.status()
+    assert (status["global_step"], status["durable_global_step"]) == (3, 1)
+    assert (status["durable_acked"], status["undurable_acked"]) == (1, 2)
+    # Non-durable acks keep the record (for replay); the durable one dropped it.
+    assert not cp.redis.hexists(cp.keys.samples, "a")
+    assert cp.redis.hexists(cp.keys.samples, "b") and cp.redis.hexists(cp.keys.samples, "c")
+    assert cp.redis.zrange(cp.keys.undurable, 0, -1, withscores=True) == [("b", 2.0), ("c", 3.0)]
+
+    # A later durable ack covers every earlier non-durable sample and drops their records.
+    t.ack(["d"], global_step=4, optimizer_durable=True)
+    assert cp.redis.zcard(cp.keys.undurable) == 0
+    assert cp.redis.hlen(cp.keys.samples) == 0
+    status = cp.status()
+    assert (status["durable_global_step"], status["durable_acked"], status["undurable_acked"]) == (4, 4, 0)
+
+
+def test_requeue_undurable_returns_acks_after_the_last_durable_step(cp):
+    t = leased_trainer(cp, ["a", "b", "c", "d"])
+    t.ack(["a"], global_step=1, optimizer_durable=True)
+    t.ack(["b"], global_step=2)
+    t.ack(["c", "d"], global_step=3)
+    # The trainer crashes; it restarts from its last durable checkpoint (step 1).
+    assert cp.requeue_undurable() == 3
+    assert set(cp.redis.lrange(cp.keys.train_queue, 0, -1)) == {"b", "c", "d"}
+    assert cp.redis.smembers(cp.keys.acked) == {"a"}
+    status = cp.status()
+    assert status["samples_acked"] == 1 and status["train_backlog"] == 3 and status["undurable_acked"] == 0
+    assert cp.requeue_undurable() == 0  # idempotent
+    assert (status["global_step"], status["durable_global_step"]) == (1, 1)  # rolled back to the checkpoint
+
+    restarted = cp.trainer(trainer_id="tr-restarted")
+    replayed = sorted(r.sample_id for r in restarted.lease(10))
+    assert replayed == ["b", "c", "d"]
+    # Training resumes at the step after the checkpoint; that must be accepted.
+    assert sorted(restarted.ack(replayed, global_step=2, optimizer_durable=True)) == ["b", "c", "d"]
+    status = cp.status()
+    assert (status["durable_global_step"], status["samples_acked"], status["train_backlog"]) == (2, 4, 0)
+
+
+def test_requeue_undurable_after_an_explicit_step(cp):
+    t = leased_trainer(cp, ["a", "b", "c"])
+    t.ack(["a"], global_step=1)
+    t.ack(["b"], global_step=2)
+    t.ack(["c"], global_step=3)
+    assert cp.requeue_undurable(after_step=2) == 1
+    assert cp.redis.lrange(cp.keys.train_queue, 0, -1) == ["c"]
+    assert cp.redis.smembers(cp.keys.acked) == {"a", "b"}
+    assert cp.status()["global_step"] == 2
+    with pytest.raises(InvalidArgument):
+        cp.requeue_undurable(after_step="2")
+
+
+def test_requeue_undurable_works_in_batches(cp):
+    ids = [f"s{i:03d}" for i in range(25)]
+    t = leased_trainer(cp, ids)
+    t.ack(ids, global_step=7)
+    assert cp.requeue_undurable(batch=10) == 25
+    assert cp.redis.llen(cp.keys.train_queue) == 25
+    assert cp.redis.scard(cp.keys.acked) == 0
+
+
+def test_durable_acks_are_never_replayed(cp):
+    t = leased_trainer(cp, ["a", "b"])
+    t.ack(["a", "b"], global_step=4, optimizer_durable=True)
+    before = {k: v for k, v in dump_run(cp).items() if ":reply:" not in k}
+    assert cp.requeue_undurable() == 0
+    assert {k: v for k, v in dump_run(cp).items() if ":reply:" not in k} == before

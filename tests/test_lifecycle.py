@@ -1,0 +1,315 @@
+"""The prompt and sample lifecycle on a real Redis (issue point 4, and the seed's lifecycle).
+
+Leases carry deadlines computed from Redis TIME; heartbeat extends them; expired prompt
+leases go back to pending with attempt + 1 and expired train leases back to the queue,
+with no daemon (reclaim runs inside lease calls, bounded per call, and through
+reclaim_expired()); max_prompt_attempts ends in the dead-letter set with the reason.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from conftest import dump_run, make_ref
+from dataflow_redis import FeatureSpec, PromptTask, SampleRef
+
+SEED_STATUS_FIELDS = (
+    "run_id", "prompts", "prompts_pending", "prompts_leased", "prompts_failed", "samples_committed",
+    "train_backlog", "queue_depth", "queue_in_flight", "rollout_workers", "trainers",
+    "durable_global_step", "durable_acked",
+)
+
+
+def redis_now_ms(client) -> int:
+    seconds, micros = client.time()
+    return seconds * 1000 + micros // 1000
+
+
+def wait_for_redis_time(client, deadline_ms: int, timeout_s: float = 10.0) -> None:
+    """Sleep until the Redis server's clock is past ``deadline_ms``."""
+    give_up = time.monotonic() + timeout_s
+    while redis_now_ms(client) <= deadline_ms:
+        assert time.monotonic() < give_up, "Redis time did not reach the deadline"
+        time.sleep(0.01)
+
+
+def prompt_deadline(cp, task_id):
+    score = cp.redis.zscore(cp.keys.prompt_deadlines, task_id)
+    return None if score is None else int(score)
+
+
+def train_deadline(cp, sample_id):
+    score = cp.redis.zscore(cp.keys.train_deadlines, sample_id)
+    return None if score is None else int(score)
+
+
+# ------------------------------------------------------------------ basics
+
+def test_full_lifecycle_and_every_seed_status_field(cp):
+    assert cp.ingest_prompts([{"task_id": "t0", "payload": {"text": "hi"}}, {"task_id": "t1"}]) == ["t0", "t1"]
+    status = cp.status()
+    for field in SEED_STATUS_FIELDS:
+        assert field in status, field
+    assert (status["prompts"], status["prompts_pending"]) == (2, 2)
+
+    w = cp.rollout_worker(worker_id="w1")
+    tasks = w.lease(8)
+    assert [t.task_id for t in tasks] == ["t0", "t1"]
+    assert tasks[0].payload == {"text": "hi"} and tasks[0].attempt == 0 and tasks[0].run_id == cp.run_id
+    status = cp.status()
+    assert (status["prompts_pending"], status["prompts_leased"], status["rollout_workers"]) == (0, 2, 1)
+    assert cp.worker_inflight() == {"w1": 2}
+
+    assert w.commit([make_ref(cp, "s0", "t0"), make_ref(cp, "s1", "t1")]) == ["s0", "s1"]
+    status = cp.status()
+    assert (status["prompts_leased"], status["samples_committed"], status["queue_depth"],
+            status["train_backlog"]) == (0, 2, 2, 2)
+    assert cp.worker_inflight() == {}
+
+    t = cp.trainer(trainer_id="tr1")
+    refs = t.lease(1)
+    assert [r.sample_id for r in refs] == ["s0"]
+    status = cp.status()
+    assert (status["queue_depth"], status["queue_in_flight"], status["trainers"]) == (1, 1, 1)
+    assert t.ack(["s0"], global_step=1, optimizer_durable=True) == ["s0"]
+    assert [r.sample_id for r in t.lease(4)] == ["s1"]
+    assert t.ack(["s1"], global_step=2, optimizer_durable=True) == ["s1"]
+    status = cp.status()
+    assert status["train_backlog"] == 0 and status["queue_in_flight"] == 0 and status["queue_depth"] == 0
+    assert status["durable_global_step"] == 2 and status["durable_acked"] == 2
+    assert status["prompts_failed"] == 0 and status["run_id"] == cp.run_id
+
+
+def test_ingest_generates_missing_ids_and_pending_is_fifo(cp):
+    ids = cp.ingest_prompts([{"payload": i} for i in range(5)] + [{"task_id": "named"}])
+    assert len(ids) == 6 and len(set(ids)) == 6 and ids[-1] == "named"
+    w = cp.rollout_worker()
+    leased = [t.task_id for t in w.lease(2)] + [t.task_id for t in w.lease(10)]
+    assert leased == ids
+    assert [t.payload for t in w.lease(1)] == []
+
+
+def test_records_round_trip_every_field(cp):
+    task = PromptTask(task_id="full", run_id=cp.run_id, source_id="gsm8k", payload=[{"role": "user", "content": "x"}],
+                      max_length=2048, chat_template="llama3", loss_mask_policy="assistant",
+                      target_model_version="tm-1", draft_weight_version="dw-7",
+                      metadata={"lang": "en", "nested": {"k": [1, 2.5, None, True]}}, estimated_bytes=4096)
+    cp.ingest_prompts([task])
+    w = cp.rollout_worker()
+    (leased,) = w.lease(1)
+    assert leased == task
+    ref = SampleRef(sample_id="sx", run_id=cp.run_id, source_task_id="full", feature_store_uri="s3://b/x",
+                    feature_keys=("sx/h", "sx/t"),
+                    feature_specs=(FeatureSpec("h", (3, 4096), "bfloat16"), FeatureSpec("t", (3,), "int64")),
+                    strategy="dflash", schema_version=2, versions={"target": "tm-1"}, num_tokens=3,
+                    estimated_bytes=24576, metadata={"score": 0.5})
+    assert w.commit([ref]) == ["sx"]
+    (got,) = cp.trainer().lease(1)
+    assert got == ref
+
+
+def test_offline_refs_join_the_same_queue(cp):
+    assert cp.enqueue_offline_refs([make_ref(cp, "off-0"), make_ref(cp, "off-1")]) == ["off-0", "off-1"]
+    assert cp.enqueue_offline_refs([make_ref(cp, "off-0")]) == []
+    t = cp.trainer()
+    assert [r.sample_id for r in t.lease(5)] == ["off-0", "off-1"]
+    assert cp.status()["samples_committed"] == 2
+
+
+# ------------------------------------------------------ deadlines from TIME
+
+def test_prompt_and_train_lease_deadlines_come_from_redis_time(cp, monkeypatch):
+    # A client clock 30 years off must not matter: nothing stored comes from it.
+    monkeypatch.setattr(time, "time", lambda: 1e9)
+    cp.ingest_prompts([{"task_id": "t0"}])
+    w = cp.rollout_worker(lease_s=30)
+    before = redis_now_ms(cp.redis)
+    w.lease(1)
+    after = redis_now_ms(cp.redis)
+    assert before + 30_000 <= prompt_deadline(cp, "t0") <= after + 30_000
+    granted_ms = int(cp.redis.hget(cp.keys.prompt_leases, "t0").split("|")[2])
+    assert before <= granted_ms <= after
+
+    w.commit([make_ref(cp, "s0", "t0")])
+    t = cp.trainer(lease_s=12.5)
+    before = redis_now_ms(cp.redis)
+    t.lease(1)
+    after = redis_now_ms(cp.redis)
+    assert before + 12_500 <= train_deadline(cp, "s0") <= after + 12_500
+    (lease,) = cp.leases("train")
+    assert lease["id"] == "s0" and lease["deadline_ms"] == train_deadline(cp, "s0")
+
+
+def test_heartbeat_extends_prompt_and_train_leases(cp):
+    cp.ingest_prompts([{"task_id": "t0"}, {"task_id": "t1"}])
+    w = cp.rollout_worker(lease_s=1.0)
+    w.lease(1)
+    first_deadline = prompt_deadline(cp, "t0")
+    # Keep the lease alive well past its first deadline by heartbeats alone.
+    while redis_now_ms(cp.redis) <= first_deadline + 200:
+        assert w.heartbeat() == []
+        time.sleep(0.1)
+    assert w.heartbeat() == []
+    extended = prompt_deadline(cp, "t0")
+    assert extended > first_deadline + 200
+    assert extended <= redis_now_ms(cp.redis) + 1000
+    assert cp.reclaim_expired() == 0
+    assert w.commit([make_ref(cp, "s0", "t0")]) == ["s0"]
+
+    t = cp.trainer(lease_s=1.0)
+    t.lease(1)
+    first_deadline = train_deadline(cp, "s0")
+    while redis_now_ms(cp.redis) <= first_deadline + 200:
+        assert t.heartbeat() == []
+        time.sleep(0.1)
+    assert t.heartbeat() == []
+    assert train_deadline(cp, "s0") > first_deadline + 200
+    assert cp.reclaim_expired() == 0
+    assert t.ack(["s0"]) == ["s0"]
+
+
+def test_heartbeat_reports_leases_lost_meanwhile(cp):
+    cp.ingest_prompts([{"task_id": "t0"}])
+    slow = cp.rollout_worker(worker_id="slow", lease_s=0.05)
+    slow.lease(1)
+    wait_for_redis_time(cp.redis, prompt_deadline(cp, "t0"))
+    cp.rollout_worker(worker_id="fast", lease_s=30).lease(1)
+    deadline_of_new_holder = prompt_deadline(cp, "t0")
+    assert slow.heartbeat() == ["t0"]
+    assert slow.held == []
+    assert prompt_deadline(cp, "t0") == deadline_of_new_holder, "a lost lease must not be extended"
+
+
+# --------------------------------------------------------------- reclaim
+
+def test_expired_prompt_lease_returns_to_pending_with_attempt_plus_one(cp):
+    cp.ingest_prompts([{"task_id": "t0"}, {"task_id": "t1"}])
+    w = cp.rollout_worker(worker_id="w1", lease_s=0.05)
+    w.lease(1)
+    wait_for_redis_time(cp.redis, prompt_deadline(cp, "t0"))
+    assert cp.reclaim_expired() == 1
+    assert cp.redis.lrange(cp.keys.pending, 0, -1) == ["t1", "t0"]  # back to the tail
+    assert cp.worker_inflight() == {}
+    assert cp.status()["prompts_leased"] == 0
+    again = cp.rollout_worker(lease_s=30)
+    assert [(t.task_id, t.attempt) for t in again.lease(2)] == [("t1", 0), ("t0", 1)]
+
+
+def test_a_lease_call_reclaims_expired_leases_itself(cp):
+    cp.ingest_prompts([{"task_id": "t0"}])
+    crashed = cp.rollout_worker(worker_id="crashed", lease_s=0.05)
+    crashed.lease(1)
+    wait_for_redis_time(cp.redis, prompt_deadline(cp, "t0"))
+    survivor = cp.rollout_worker(worker_id="survivor", lease_s=30)
+    (task,) = survivor.lease(1)
+    assert (task.task_id, task.attempt) == ("t0", 1)
+    assert cp.worker_inflight() == {"survivor": 1}
+
+
+def test_reclaim_inside_a_lease_call_is_bounded(cp):
+    cp.ingest_prompts([{"task_id": f"t{i:03d}"} for i in range(100)])
+    crashed = cp.rollout_worker(worker_id="crashed", lease_s=0.05)
+    assert len(crashed.lease(100)) == 100
+    wait_for_redis_time(cp.redis, max(prompt_deadline(cp, f"t{i:03d}") for i in range(100)))
+    cp.rollout_worker(worker_id="next", lease_s=30).lease(1)
+    # One lease call reclaimed exactly 32 (RECLAIM_PER_CALL) and granted one of them.
+    assert cp.redis.hlen(cp.keys.prompt_leases) == 100 - 32 + 1
+    assert cp.redis.llen(cp.keys.pending) == 31
+    assert cp.worker_inflight() == {"crashed": 68, "next": 1}
+    assert cp.reclaim_expired() == 68
+    assert cp.worker_inflight() == {"next": 1}
+    assert cp.redis.llen(cp.keys.pending) == 99
+
+
+def test_expired_train_lease_returns_to_the_queue(cp):
+    cp.enqueue_offline_refs([make_ref(cp, "s0"), make_ref(cp, "s1")])
+    t = cp.trainer(trainer_id="crashed", lease_s=0.05)
+    assert [r.sample_id for r in t.lease(1)] == ["s0"]
+    wait_for_redis_time(cp.redis, train_deadline(cp, "s0"))
+    assert cp.reclaim_expired() == 1
+    assert cp.redis.lrange(cp.keys.train_queue, 0, -1) == ["s0", "s1"]  # back to the head
+    assert cp.status()["queue_in_flight"] == 0
+
+    # And through a lease call, without reclaim_expired():
+    t.lease(1)
+    wait_for_redis_time(cp.redis, train_deadline(cp, "s0"))
+    other = cp.trainer(trainer_id="other", lease_s=30)
+    assert [r.sample_id for r in other.lease(2)] == ["s0", "s1"]
+    assert t.ack(["s0"]) == []  # the crashed trainer's lease is gone
+    assert other.ack(["s0", "s1"]) == ["s0", "s1"]
+
+
+def test_three_attempts_by_expiry_then_dead_letter_with_reason(cp):
+    cp.configure(max_prompt_attempts=3)
+    cp.ingest_prompts([{"task_id": "t0"}])
+    seen_attempts = []
+    for _ in range(3):
+        w = cp.rollout_worker(lease_s=0.05)
+        (task,) = w.lease(1)
+        seen_attempts.append(task.attempt)
+        wait_for_redis_time(cp.redis, prompt_deadline(cp, "t0"))
+    assert cp.reclaim_expired() == 1
+    assert seen_attempts == [0, 1, 2]
+    assert cp.rollout_worker().lease(1) == []
+    (dead,) = cp.dead_letters()
+    assert dead["task_id"] == "t0" and dead["attempt"] == 2
+    assert "attempts exhausted" in dead["reason"] and "max_prompt_attempts=3" in dead["reason"]
+    assert "expired" in dead["reason"]
+    status = cp.status()
+    assert (status["prompts_failed"], status["prompts_pending"], status["prompts_leased"]) == (1, 0, 0)
+    assert cp.worker_inflight() == {}
+
+
+def test_three_attempts_by_retryable_fail_then_dead_letter(cp):
+    cp.configure(max_prompt_attempts=3)
+    cp.ingest_prompts([{"task_id": "t0"}])
+    w = cp.rollout_worker()
+    seen_attempts = []
+    for _ in range(3):
+        (task,) = w.lease(1)
+        seen_attempts.append(task.attempt)
+        assert w.fail(["t0"], "worker died before its write", retryable=True) == ["t0"]
+    assert seen_attempts == [0, 1, 2]
+    assert w.lease(1) == []
+    (dead,) = cp.dead_letters()
+    assert "attempts exhausted" in dead["reason"] and "worker died before its write" in dead["reason"]
+    assert cp.worker_inflight() == {}
+
+
+def test_terminal_fail_is_visible_and_an_operator_can_requeue(cp):
+    cp.ingest_prompts([{"task_id": "t0", "payload": "keep me"}])
+    w = cp.rollout_worker()
+    w.lease(1)
+    assert w.fail(["t0"], "missing feature", retryable=False) == ["t0"]
+    (dead,) = cp.dead_letters()
+    assert (dead["task_id"], dead["reason"], dead["attempt"]) == ("t0", "missing feature", 0)
+    assert cp.status()["prompts_failed"] == 1
+    assert cp.requeue_dead_letters(["t0", "unknown"]) == ["t0"]
+    (task,) = w.lease(1)
+    assert (task.task_id, task.attempt, task.payload) == ("t0", 0, "keep me")
+
+
+def test_fail_touches_only_the_callers_leases(cp):
+    cp.ingest_prompts([{"task_id": "t0"}])
+    owner = cp.rollout_worker(worker_id="owner")
+    owner.lease(1)
+    before = dump_run(cp)
+    assert cp.rollout_worker(worker_id="intruder").fail(["t0", "nope"], "x", retryable=False) == []
+    after = dump_run(cp)
+    after = {k: v for k, v in after.items() if ":reply:" not in k}
+    assert after == {k: v for k, v in before.items() if ":reply:" not in k}
+
+
+@pytest.mark.parametrize("kind", ["prompt", "train"])
+def test_leases_listing_shows_holder_and_deadline(cp, kind):
+    cp.ingest_prompts([{"task_id": "t0"}])
+    w = cp.rollout_worker(worker_id="w1", lease_s=30)
+    w.lease(1)
+    if kind == "train":
+        w.commit([make_ref(cp, "s0", "t0")])
+        cp.trainer(trainer_id="tr1", lease_s=30).lease(1)
+    (row,) = cp.leases(kind)
+    assert row["holder"] == ("w1" if kind == "prompt" else "tr1")
+    assert row["deadline_ms"] > row["granted_ms"]

@@ -1,0 +1,165 @@
+"""Lost replies: a call that Redis executed but whose reply never reached the client
+is retried safely.
+
+Every mutating call carries a request id; its script caches the reply under
+``reply:<id>`` in the same atomic step as the change. When the connection drops
+before the reply arrives, the client re-sends the call with the same id (redis-py
+retries once at once, ScriptRunner keeps retrying with backoff) and the script
+answers from the cache instead of applying again.
+
+The tests put tests/tcp_proxy.py between the client and a real redis-server: it
+lets a chosen request through, throws its reply away and cuts the connection, one
+to three times in a row. Then they prove from Redis that the call applied once.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from conftest import make_ref
+from dataflow_redis import ControlPlane
+from dataflow_redis.scripts import load_scripts
+from tcp_proxy import ReplyDroppingProxy
+
+
+@pytest.fixture
+def proxied(make_cp, redis_url):
+    """(direct ControlPlane, ControlPlane through the reply-dropping proxy, proxy) on one run."""
+    direct = make_cp()
+    parts = urlsplit(redis_url)
+    proxy = ReplyDroppingProxy(parts.hostname, parts.port).start()
+    netloc = parts.netloc.rsplit("@", 1)
+    netloc = (netloc[0] + "@" if len(netloc) == 2 else "") + f"127.0.0.1:{proxy.port}"
+    via_proxy = ControlPlane.from_url(urlunsplit(parts._replace(netloc=netloc)), direct.run_id, retry_s=10)
+    # Load every script now, so a dropped reply is never a NOSCRIPT answer.
+    for script in load_scripts().values():
+        direct.redis.script_load(script.source)
+    yield direct, via_proxy, proxy
+    via_proxy.redis.close()
+    proxy.stop()
+
+
+def counters(cp) -> dict[str, int]:
+    return {k: int(v) for k, v in cp.redis.hgetall(cp.keys.counters).items()}
+
+
+@pytest.mark.parametrize("drops", [1, 2, 3])
+def test_lost_lease_reply_returns_the_same_grant(proxied, drops):
+    direct, cp, proxy = proxied
+    direct.ingest_prompts([{"task_id": f"t{i}"} for i in range(10)])
+    worker = cp.rollout_worker("w-lost", lease_s=60)
+    proxy.drop_replies(b"w-lost", times=drops)
+    tasks = worker.lease(4)
+    assert proxy.dropped == drops
+    assert [t.task_id for t in tasks] == ["t0", "t1", "t2", "t3"]
+    leases = {row["id"]: row for row in direct.leases("prompt")}
+    assert set(leases) == {"t0", "t1", "t2", "t3"}, "a retried lease granted more tasks"
+    assert {t: str(row["token"]) for t, row in leases.items()} == worker._tokens
+    assert all(row["holder"] == "w-lost" for row in leases.values())
+    assert direct.worker_inflight() == {"w-lost": 4}
+    assert counters(direct)["fence"] == 4, "a grant was made twice"
+    assert direct.redis.lrange(direct.keys.pending, 0, -1) == [f"t{i}" for i in range(4, 10)]
+
+
+def test_retried_lease_with_explicit_request_id_grants_once(proxied):
+    direct, cp, _ = proxied
+    direct.ingest_prompts([{"task_id": f"t{i}"} for i in range(6)])
+    worker = cp.rollout_worker("w0", lease_s=60)
+    first = worker.lease(3, request_id="lease-req-1")
+    again = worker.lease(3, request_id="lease-req-1")
+    assert first == again and [t.task_id for t in first] == ["t0", "t1", "t2"]
+    assert counters(direct)["fence"] == 3 and direct.worker_inflight() == {"w0": 3}
+    assert direct.status()["prompts_pending"] == 3
+    # Once part of the grant is handed in, a replay returns only what is still held.
+    worker.commit([make_ref(direct, "s-t0", "t0")])
+    assert [t.task_id for t in worker.lease(3, request_id="lease-req-1")] == ["t1", "t2"]
+    assert direct.worker_inflight() == {"w0": 2}
+
+
+@pytest.mark.parametrize("drops", [1, 3])
+def test_lost_commit_reply_enqueues_once(proxied, drops):
+    direct, cp, proxy = proxied
+    direct.ingest_prompts([{"task_id": f"t{i}"} for i in range(4)])
+    worker = cp.rollout_worker("w-lost", lease_s=60)
+    tasks = worker.lease(4)
+    proxy.drop_replies(b"w-lost", times=drops)
+    fresh = worker.commit([make_ref(direct, f"s-{t.task_id}", t.task_id) for t in tasks])
+    assert proxy.dropped == drops
+    assert fresh == ["s-t0", "s-t1", "s-t2", "s-t3"], "the retry must report the first reply"
+    c = counters(direct)
+    assert c["samples_committed"] == 4 and c["prompts_done"] == 4
+    assert c.get("fenced_commits", 0) == 0, "the retry was applied again (and fenced)"
+    assert direct.redis.lrange(direct.keys.train_queue, 0, -1) == fresh
+    assert direct.worker_inflight() == {} and direct.status()["prompts_leased"] == 0
+
+
+@pytest.mark.parametrize("drops", [1, 3])
+def test_lost_ack_reply_acks_once(proxied, drops):
+    direct, cp, proxy = proxied
+    direct.enqueue_offline_refs([make_ref(direct, f"s{i}") for i in range(4)])
+    trainer = cp.trainer("tr-lost", lease_s=60)
+    proxy.drop_replies(b"tr-lost", times=drops)
+    refs = trainer.lease(4)                     # a lost train lease reply, too
+    assert [r.sample_id for r in refs] == ["s0", "s1", "s2", "s3"]
+    assert counters(direct)["fence"] == 4 and direct.status()["queue_in_flight"] == 4
+    proxy.drop_replies(b"tr-lost", times=drops)
+    acked = trainer.ack(["s0", "s1", "s2", "s3"], global_step=5, optimizer_durable=True)
+    assert proxy.dropped == 2 * drops
+    assert acked == ["s0", "s1", "s2", "s3"]
+    assert counters(direct)["samples_acked"] == 4
+    assert direct.redis.xlen(direct.keys.ack_log) == 1, "the ack script ran more than once"
+    assert direct.redis.smembers(direct.keys.acked) == {"s0", "s1", "s2", "s3"}
+    assert direct.status()["durable_global_step"] == 5
+
+
+def test_lost_fail_reply_counts_one_attempt(proxied):
+    direct, cp, proxy = proxied
+    direct.configure(max_prompt_attempts=2)
+    direct.ingest_prompts([{"task_id": "t0"}])
+    worker = cp.rollout_worker("w-lost", lease_s=60)
+    worker.lease(1)
+    proxy.drop_replies(b"w-lost", times=2)
+    assert worker.fail(["t0"], "oom", retryable=True) == ["t0"]
+    assert proxy.dropped == 2
+    # Applied twice, the second attempt would have dead-lettered it (2 of 2 attempts).
+    assert direct.redis.hget(direct.keys.task_attempts, "t0") == "1"
+    assert direct.redis.lrange(direct.keys.pending, 0, -1) == ["t0"]
+    assert direct.dead_letters() == []
+
+
+def test_lost_ingest_reply_adds_each_task_once(proxied):
+    direct, cp, proxy = proxied
+    proxy.drop_replies(b"ingest-marker", times=2)
+    fresh = cp.ingest_prompts([{"task_id": "ingest-marker"}, {"task_id": "t1"}])
+    assert proxy.dropped == 2
+    assert fresh == ["ingest-marker", "t1"]
+    assert direct.redis.lrange(direct.keys.pending, 0, -1) == ["ingest-marker", "t1"]
+    assert counters(direct)["prompts"] == 2
+
+
+def test_lost_offline_enqueue_reply_enqueues_once(proxied):
+    direct, cp, proxy = proxied
+    proxy.drop_replies(b"offline-marker", times=1)
+    assert cp.enqueue_offline_refs([make_ref(direct, "offline-marker")]) == ["offline-marker"]
+    assert proxy.dropped == 1
+    assert direct.redis.lrange(direct.keys.train_queue, 0, -1) == ["offline-marker"]
+    assert counters(direct)["samples_committed"] == 1
+
+
+def test_connections_cut_between_calls_are_reopened(proxied):
+    """Not a lost reply: the proxy closes every idle connection; the next call
+    reconnects by itself and the run goes on."""
+    direct, cp, proxy = proxied
+    cp.ingest_prompts([{"task_id": "t0"}])
+    worker, trainer = cp.rollout_worker("w0"), cp.trainer("tr0")
+    [task] = worker.lease(1)
+    proxy.cut_all()
+    assert worker.commit([make_ref(direct, "s0", task.task_id)]) == ["s0"]
+    proxy.cut_all()
+    assert [r.sample_id for r in trainer.lease(1)] == ["s0"]
+    proxy.cut_all()
+    assert trainer.ack(["s0"]) == ["s0"]
+    assert proxy.connections >= 4 and proxy.dropped == 0
+    assert direct.status()["samples_acked"] == 1
