@@ -39,7 +39,7 @@ from .config import parse_value
 from .control_plane import ControlPlane, connect
 from .errors import (AuthenticationFailed, ConfigError, ConnectionFailed, DataflowError,
                      InvalidArgument, UnknownRun)
-from .keys import DEFAULT_NAMESPACE, runs_pattern, validate_namespace, validate_run_id
+from .keys import DEFAULT_NAMESPACE, runs_patterns, validate_namespace, validate_run_id
 
 DEFAULT_URL = "redis://localhost:6379/0"
 CLI_RETRY_S = 3.0
@@ -619,11 +619,13 @@ def events(target: Target, count: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @pass_target
 def runs(target: Target, as_json: bool) -> None:
-    """Runs in the namespace (those with a stored config), with a few figures each."""
+    """Runs in the namespace (any run with a config or counters), with a few figures each."""
     client = target.client()
-    pattern = runs_pattern(target.namespace)
-    prefix = pattern.split("{", 1)[0]
-    run_ids = sorted({key[len(prefix) + 1:key.rindex("}")] for key in client.scan_iter(match=pattern, count=1000)})
+    run_ids = set()
+    for pattern in runs_patterns(target.namespace):
+        prefix = pattern.split("{", 1)[0]
+        run_ids |= {key[len(prefix) + 1:key.rindex("}")] for key in client.scan_iter(match=pattern, count=1000)}
+    run_ids = sorted(run_ids)
     found = []
     for run_id in run_ids:
         s = ControlPlane(client, run_id, target.namespace, retry_s=CLI_RETRY_S).status()

@@ -40,6 +40,9 @@ from .scripts import ScriptRunner, mapped_errors
 from .status import build_status
 from .trainer import Trainer
 
+ACTIVE_WINDOW_S = 300.0
+"""status() counts a rollout worker or trainer as active if it called within this many seconds."""
+
 INGEST_CHUNK = 1000
 """Tasks per ingest script call: keeps each atomic step short (ingest is idempotent per id)."""
 
@@ -207,7 +210,7 @@ class ControlPlane:
     # ------------------------------------------------------------- inspection
     def status(self) -> dict[str, Any]:
         """One consistent snapshot: every seed status field, plus more (see status.py)."""
-        return build_status(self.run_id, self._run("status", []))
+        return build_status(self.run_id, self._run("status", [int(ACTIVE_WINDOW_S * 1000)]))
 
     @mapped_errors
     def exists(self) -> bool:

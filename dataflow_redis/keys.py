@@ -114,6 +114,8 @@ class RunKeys:
         return self.prefix + "*"  # run ids hold no glob characters
 
 
-def runs_pattern(namespace: str = DEFAULT_NAMESPACE) -> str:
-    """SCAN pattern matching the config key of every run in ``namespace``."""
-    return f"{validate_namespace(namespace)}:{{*}}:config"
+def runs_patterns(namespace: str = DEFAULT_NAMESPACE) -> list[str]:
+    """SCAN patterns that find every run in ``namespace``: a run has a config hash once
+    configured and a counters hash once anything was ingested or committed."""
+    ns = validate_namespace(namespace)
+    return [f"{ns}:{{*}}:config", f"{ns}:{{*}}:counters"]

@@ -48,6 +48,8 @@ def build_status(run_id: str, raw: Sequence[Any]) -> dict[str, Any]:
         "queue_in_flight": _int(sizes, "queue_in_flight"),
         "rollout_workers": _int(sizes, "rollout_workers"),
         "trainers": _int(sizes, "trainers"),
+        "rollout_workers_seen": _int(sizes, "rollout_workers_seen"),
+        "trainers_seen": _int(sizes, "trainers_seen"),
         "global_step": _int(durable, "global_step", None),
         "durable_global_step": _int(durable, "durable_global_step", None),
         "durable_acked": acked - undurable,

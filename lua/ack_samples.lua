@@ -14,6 +14,9 @@
 --   stay in `undurable` (scored by step, record kept) until a durable ack at a step >=
 --   theirs; requeue_undurable.lua returns them to the queue when the trainer restarts
 --   from its last durable checkpoint. One entry per ack goes to ack_log.
+-- Invariants: an id is acked at most once (only a live lease is released); the marker,
+--   the ids and the lease release change together or not at all; global_step never
+--   decreases except through requeue_undurable.lua.
 -- @include util
 
 local trainer, step_arg, durable = ARGV[1], ARGV[2], ARGV[3] == '1'

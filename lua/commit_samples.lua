@@ -17,6 +17,9 @@
 --   again, but a duplicate from the lease holder still releases the lease, so a
 --   re-sent commit never leaks the worker's in-flight slot. Several refs may come
 --   from one task: leases are released after every ref is checked.
+-- Invariants: a sample id enters train_queue at most once per lifetime; a released task
+--   leaves prompt_leases, its worker's in-flight counter and reserved_bytes together
+--   (includes/leases.lua) and is recorded in tasks_done.
 -- @include util
 -- @include backpressure
 -- @include leases

@@ -3,6 +3,8 @@
 -- KEYS: config bp shards shard_seen stale_shards events
 -- ARGV: [1] shard_id
 -- Returns: 1 if the shard was registered, else 0.
+-- Invariants: bp.resident_bytes stays the sum over registered shards; the latch is
+--   re-evaluated in the same step.
 -- @include util
 -- @include backpressure
 

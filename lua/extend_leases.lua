@@ -6,6 +6,8 @@
 --       [2] holder_id  [3] lease_ms, then pairs at 4 + 2i: id, lease token
 -- Returns: the ids NOT held any more (expired and reclaimed, or re-granted); the client
 --   stops working on them. Cost: O(ids in the call + log n), no scan.
+-- Invariants: only leases held under the presented token move; nothing is granted,
+--   released or requeued here.
 -- @include util
 
 local kind, holder, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])

@@ -8,6 +8,8 @@
 -- Effect: retryable -> attempt + 1 and back to the tail of pending, or dead-lettered
 --   with "attempts exhausted" once max_prompt_attempts is reached; not retryable ->
 --   dead-lettered at once with the reason (terminal failure).
+-- Invariants: a task leaves prompt_leases exactly once and lands in exactly one of
+--   pending or dlq; in-flight counter and reserved bytes drop with the lease.
 -- @include util
 -- @include backpressure
 -- @include leases

@@ -8,6 +8,8 @@
 --   acked or re-granted ref is never touched, so it is never requeued).
 -- Effect: retryable -> back to the tail of the train queue; otherwise terminal: the
 --   record is dropped and failed_samples keeps the reason.
+-- Invariants: a sample leaves train_leases exactly once and lands in exactly one of
+--   train_queue or failed_samples; acked samples hold no lease, so they are never touched.
 -- @include util
 -- @include leases
 

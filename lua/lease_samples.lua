@@ -10,6 +10,8 @@
 -- Rules: the grant is capped at max_train_lease when set. An empty grant clears the
 --   wake-up tokens (nothing to wake for), so a trainer that then blocks on
 --   train_signal sleeps until the next commit: no lost wake-ups, no busy polling.
+-- Invariants: a sample id is in at most one of train_queue or train_leases; each grant
+--   gets a fresh fencing token; wake-up tokens exist only while the queue may hold work.
 -- @include util
 -- @include backpressure
 -- @include leases

@@ -6,6 +6,8 @@
 --       worker_inflight dlq train_queue train_leases train_deadlines train_signal bp events
 -- ARGV: [1] limit (per kind, per call)
 -- Returns: {prompt leases reclaimed, train leases reclaimed}
+-- Invariants: those of includes/leases.lua; a lease is reclaimed only after its deadline
+--   (Redis time), at most `limit` of each kind per call.
 -- @include util
 -- @include backpressure
 -- @include leases

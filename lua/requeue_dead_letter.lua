@@ -4,6 +4,7 @@
 -- KEYS: task_attempts pending dlq bp events
 -- ARGV: [1] reason, then task ids
 -- Returns: the ids requeued (ids not in the dead-letter hash are ignored).
+-- Invariants: a task leaves dlq and enters pending in the same step, exactly once.
 -- @include util
 -- @include backpressure
 

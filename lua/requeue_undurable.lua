@@ -9,6 +9,8 @@
 -- ARGV: [1] after_step ('' = the recorded durable_global_step, or -1 if none)
 --       [2] limit (at most this many per call)
 -- Returns: number of samples requeued (call again while it equals limit).
+-- Invariants: a sample leaves undurable and acked and enters train_queue together;
+--   samples covered by a durable ack are never requeued.
 -- @include util
 -- @include leases
 

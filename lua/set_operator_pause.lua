@@ -5,6 +5,8 @@
 -- KEYS: bp events
 -- ARGV: [1] paused (1/0)  [2] reason
 -- Returns: 1 if the override changed, 0 if it already was in that state.
+-- Invariants: independent of the watermark latch (bp.paused is never touched here); a
+--   repeated call changes nothing and logs nothing.
 -- @include util
 -- @include backpressure
 

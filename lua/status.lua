@@ -3,26 +3,31 @@
 --
 -- KEYS: config counters pending prompt_leases dlq train_queue train_leases workers
 --       trainers undurable failed_samples durable bp shards stale_shards
--- ARGV: none
+-- ARGV: [1] active_ms: a worker or trainer counts as active if seen this recently (ms)
 -- Returns: {now_ms, counters (flat field/value list), sizes (flat name/value list),
 --           durable marker (flat), bp (flat), config (flat), shards (flat
 --           shard_id/value list), stale shard ids}
 -- Cost: O(1) except the shard list, O(shards).
+-- Invariants: read-only; every figure comes from one atomic snapshot.
 -- @include util
 
+local now = now_ms()
+local active_since = now - tonumber(ARGV[1])
 local sizes = {
   'prompts_pending', redis.call('LLEN', K.pending),
   'prompts_leased', redis.call('HLEN', K.prompt_leases),
   'prompts_failed', redis.call('HLEN', K.dlq),
   'queue_depth', redis.call('LLEN', K.train_queue),
   'queue_in_flight', redis.call('HLEN', K.train_leases),
-  'rollout_workers', redis.call('ZCARD', K.workers),
-  'trainers', redis.call('ZCARD', K.trainers),
+  'rollout_workers', redis.call('ZCOUNT', K.workers, active_since, '+inf'),
+  'trainers', redis.call('ZCOUNT', K.trainers, active_since, '+inf'),
+  'rollout_workers_seen', redis.call('ZCARD', K.workers),
+  'trainers_seen', redis.call('ZCARD', K.trainers),
   'samples_undurable', redis.call('ZCARD', K.undurable),
   'samples_failed', redis.call('HLEN', K.failed_samples),
 }
 return {
-  now_ms(),
+  now,
   redis.call('HGETALL', K.counters),
   sizes,
   redis.call('HGETALL', K.durable),
