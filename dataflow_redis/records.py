@@ -119,6 +119,9 @@ def _defaults(fs) -> dict[str, Any]:
 _TASK_DEFAULTS = _defaults(_TASK_FIELDS)
 _REF_DEFAULTS = _defaults(_REF_FIELDS)
 _TASK_FIELD_NAMES = frozenset(f.name for f in fields(PromptTask))
+# Fields whose default is a fresh dict (default_factory=dict), per record class.
+_DICT_DEFAULTS = {PromptTask: tuple(n for n, d in _TASK_DEFAULTS.items() if type(d) is dict),
+                  SampleRef: tuple(n for n, d in _REF_DEFAULTS.items() if type(d) is dict)}
 _REF_FIELD_NAMES = frozenset(f.name for f in _REF_FIELDS)
 _REF_REQUIRED = frozenset(f.name for f in _REF_FIELDS if f.name not in _REF_DEFAULTS)
 
@@ -193,6 +196,11 @@ def _is_array_like(item: Any) -> bool:
     return any(hasattr(item, a) for a in ("__array__", "__array_interface__", "__dlpack__", "__cuda_array_interface__"))
 
 
+def _is_mapping(value: Any) -> bool:
+    # A plain dict answers at once; isinstance against the Mapping ABC costs far more.
+    return type(value) is dict or isinstance(value, Mapping)
+
+
 # One encoder for every record: json.dumps with options builds a new encoder per call.
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
@@ -219,7 +227,7 @@ def task_from_input(item: Any, run_id: str) -> PromptTask:
     """Build a PromptTask from a PromptTask or a dict, generating ``task_id`` when absent."""
     if isinstance(item, PromptTask):
         task = item
-    elif isinstance(item, Mapping):
+    elif _is_mapping(item):
         unknown = set(item) - _TASK_FIELD_NAMES
         if unknown:
             raise InvalidArgument(f"unknown prompt task field(s): {', '.join(sorted(unknown))}")
@@ -246,7 +254,7 @@ def task_from_input(item: Any, run_id: str) -> PromptTask:
         raise InvalidArgument(f"task {task.task_id}: source_id must be a string")
     if type(task.attempt) is not int or task.attempt < 0:
         raise InvalidArgument(f"task {task.task_id}: attempt must be an int >= 0")
-    if not isinstance(task.metadata, Mapping):
+    if not _is_mapping(task.metadata):
         raise InvalidArgument(f"task {task.task_id}: metadata must be a dict")
     check_metadata_only(task.payload, f"task[{task.task_id}].payload")
     check_metadata_only(task.metadata, f"task[{task.task_id}].metadata")
@@ -259,7 +267,7 @@ def encode_task(task: PromptTask) -> str:
     for name, default in _TASK_DEFAULTS.items():
         value = getattr(task, name)
         if value != default:
-            out[name] = dict(value) if isinstance(value, Mapping) else value
+            out[name] = dict(value) if _is_mapping(value) else value
     return _dumps(out)
 
 
@@ -277,11 +285,11 @@ def _built(cls: type, defaults: dict, data: dict, **ids: Any) -> Any:
     dicts are copied, as their default_factory would make fresh ones."""
     record = object.__new__(cls)
     values = record.__dict__
-    values.update(ids)
+    values.update(defaults)
+    for name in _DICT_DEFAULTS.get(cls, ()):
+        values[name] = {}
     values.update(data)
-    for name, default in defaults.items():
-        if name not in data:
-            values[name] = dict(default) if type(default) is dict else default
+    values.update(ids)
     return record
 
 
@@ -310,7 +318,7 @@ def check_ref(ref: Any, run_id: str) -> SampleRef:
             raise InvalidArgument(f"sample {sid}: {name} must be an int >= 0, got {value!r}")
     for name in ("versions", "metadata"):
         value = getattr(ref, name)
-        if not isinstance(value, Mapping):
+        if not _is_mapping(value):
             raise InvalidArgument(f"sample {sid}: {name} must be a dict")
         check_metadata_only(value, f"ref[{sid}].{name}")
     return ref
@@ -342,7 +350,7 @@ def encode_ref(ref: SampleRef) -> str:
             continue
         value = getattr(ref, name)
         if value != default:
-            out[name] = dict(value) if isinstance(value, Mapping) else value
+            out[name] = dict(value) if _is_mapping(value) else value
     return _dumps(out)
 
 

@@ -15,7 +15,15 @@ import math
 import pytest
 from click.testing import CliRunner
 
-from dataflow_redis.bench import ALL_OPS, CYCLE_STEPS, PAYLOAD, SINGLE_ITEM_OPS, TARGETS, bench_command, format_report
+from dataflow_redis.bench import (
+    ALL_OPS,
+    CYCLE_STEPS,
+    PAYLOAD,
+    SINGLE_ITEM_OPS,
+    TARGETS,
+    bench_command,
+    format_report,
+)
 
 TINY = ["--seconds", "0.03", "--processes", "1,2", "--cycle-processes", "2", "--cycle-seconds", "0.15",
         "--backlog", "2000", "--workers", "20", "--memory-tasks", "200"]
