@@ -756,8 +756,7 @@ def demo(ctx: click.Context, role: str, index: Optional[int], as_json: bool, plo
 
     if plot:
         demo_module.import_pyplot()  # fail before the run, not after it
-    err = click.get_text_stream("stderr")
-    live = err.isatty()
+    live = sys.stderr.isatty()
 
     def progress(status: dict[str, Any], sample: Any) -> None:
         line = _progress_line(status, sample, plan.prompts)
