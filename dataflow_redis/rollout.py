@@ -10,11 +10,10 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from . import _args
-from .keys import validate_item_id
+from .holder import LeaseHolder
 from .records import PromptTask, SampleRef, check_refs, decode_task, encode_ref
 
 if TYPE_CHECKING:
@@ -24,24 +23,19 @@ RECLAIM_PER_CALL = 32
 """Expired leases each lease call reclaims before granting (bounded work per call)."""
 
 
-class RolloutWorker:
+class RolloutWorker(LeaseHolder):
     """One rollout worker. Not thread-safe: give each thread its own worker.
 
     The worker remembers the fencing token of every lease it holds, so a commit or
     fail for a task whose lease expired and was re-granted is rejected by Redis.
     """
 
-    def __init__(self, cp: "ControlPlane", worker_id: Optional[str] = None, lease_s: float = 60.0) -> None:
-        self.cp = cp
-        self.worker_id = validate_item_id(worker_id or f"rollout-{uuid.uuid4().hex[:12]}", "worker id")
-        self.lease_s = _args.seconds(lease_s, "lease_s")
-        self._lease_ms = max(1, int(self.lease_s * 1000))
-        self._tokens: dict[str, str] = {}
+    KIND = "prompt"
+    ID_PREFIX = "rollout"
 
-    @property
-    def held(self) -> list[str]:
-        """Ids of the tasks this worker believes it holds."""
-        return list(self._tokens)
+    def __init__(self, cp: "ControlPlane", worker_id: Optional[str] = None, lease_s: float = 60.0) -> None:
+        super().__init__(cp, worker_id, lease_s, "worker id")
+        self.worker_id = self.holder_id
 
     def lease(self, max_tasks: int, request_id: Optional[str] = None) -> list[PromptTask]:
         """Lease up to ``max_tasks`` pending tasks for ``lease_s`` seconds.
@@ -89,20 +83,5 @@ class RolloutWorker:
         ``max_prompt_attempts`` is reached). Not retryable: dead-lettered at once.
         """
         ids = _args.ids(task_ids, "task id")
-        args: list = [self.worker_id, _args.reason(reason), int(_args.flag(retryable, "retryable"))]
-        for task_id in ids:
-            args += [task_id, self._tokens.get(task_id, "")]
-        affected = [_args.text(t) for t in self.cp._run("fail_prompts", args, request_id, scope=self.worker_id)]
-        for task_id in ids:
-            self._tokens.pop(task_id, None)
-        return affected
-
-    def heartbeat(self) -> list[str]:
-        """Extend every held lease to now + ``lease_s``; returns the ids lost meanwhile."""
-        args: list = ["prompt", self.worker_id, self._lease_ms]
-        for task_id, token in self._tokens.items():
-            args += [task_id, token]
-        lost = [_args.text(t) for t in self.cp._run("extend_leases", args)]
-        for task_id in lost:
-            self._tokens.pop(task_id, None)
-        return lost
+        head = [self.worker_id, _args.reason(reason), int(_args.flag(retryable, "retryable"))]
+        return self._hand_back("fail_prompts", head, ids, request_id)

@@ -16,11 +16,10 @@ lease call: O(1) commands per wake-up, woken within a round trip of the commit.
 from __future__ import annotations
 
 import time
-import uuid
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from . import _args
-from .keys import validate_item_id
+from .holder import LeaseHolder
 from .records import SampleRef, decode_ref
 from .scripts import RETRYABLE
 
@@ -31,23 +30,18 @@ RECLAIM_PER_CALL = 32
 MAX_BLOCK_SLICE_S = 10.0
 
 
-class Trainer:
+class Trainer(LeaseHolder):
     """One trainer. Not thread-safe: give each thread its own trainer."""
 
+    KIND = "train"
+    ID_PREFIX = "trainer"
+
     def __init__(self, cp: "ControlPlane", trainer_id: Optional[str] = None, lease_s: float = 60.0) -> None:
-        self.cp = cp
-        self.trainer_id = validate_item_id(trainer_id or f"trainer-{uuid.uuid4().hex[:12]}", "trainer id")
-        self.lease_s = _args.seconds(lease_s, "lease_s")
-        self._lease_ms = max(1, int(self.lease_s * 1000))
-        self._tokens: dict[str, str] = {}
+        super().__init__(cp, trainer_id, lease_s, "trainer id")
+        self.trainer_id = self.holder_id
         pool = getattr(cp.redis, "connection_pool", None)  # RedisCluster has none
         socket_timeout = pool.connection_kwargs.get("socket_timeout") if pool else None
         self._block_slice_s = MAX_BLOCK_SLICE_S if not socket_timeout else max(0.05, 0.8 * socket_timeout)
-
-    @property
-    def held(self) -> list[str]:
-        """Ids of the refs this trainer believes it holds."""
-        return list(self._tokens)
 
     def lease(self, max_refs: int, timeout_s: Optional[float] = None,
               request_id: Optional[str] = None) -> list[SampleRef]:
@@ -99,34 +93,13 @@ class Trainer:
         ids = _args.ids(sample_ids, "sample id")
         if global_step is not None and (type(global_step) is not int or not 0 <= global_step < 2**53):
             raise _args.InvalidArgument(f"global_step must be an int >= 0 or None, got {global_step!r}")
-        args: list = [self.trainer_id, "" if global_step is None else global_step,
-                      int(_args.flag(optimizer_durable, "optimizer_durable"))]
-        for sample_id in ids:
-            args += [sample_id, self._tokens.get(sample_id, "")]
-        acked = [_args.text(s) for s in self.cp._run("ack_samples", args, request_id, scope=self.trainer_id)]
-        for sample_id in ids:
-            self._tokens.pop(sample_id, None)
-        return acked
+        head = [self.trainer_id, "" if global_step is None else global_step,
+                int(_args.flag(optimizer_durable, "optimizer_durable"))]
+        return self._hand_back("ack_samples", head, ids, request_id)
 
     def fail(self, sample_ids: Iterable[str], reason: str, retryable: bool = True,
              request_id: Optional[str] = None) -> list[str]:
         """Give up held refs: retryable -> back to the queue tail; else terminal."""
         ids = _args.ids(sample_ids, "sample id")
-        args: list = [self.trainer_id, _args.reason(reason), int(_args.flag(retryable, "retryable"))]
-        for sample_id in ids:
-            args += [sample_id, self._tokens.get(sample_id, "")]
-        affected = [_args.text(s) for s in self.cp._run("fail_samples", args, request_id, scope=self.trainer_id)]
-        for sample_id in ids:
-            self._tokens.pop(sample_id, None)
-        return affected
-
-    def heartbeat(self) -> list[str]:
-        """Extend every held lease to now + ``lease_s``; returns the ids lost meanwhile."""
-        args: list = ["train", self.trainer_id, self._lease_ms]
-        for sample_id, token in self._tokens.items():
-            args += [sample_id, token]
-        lost = [_args.text(s) for s in self.cp._run("extend_leases", args)]
-        for sample_id in lost:
-            self._tokens.pop(sample_id, None)
-        return lost
-
+        head = [self.trainer_id, _args.reason(reason), int(_args.flag(retryable, "retryable"))]
+        return self._hand_back("fail_samples", head, ids, request_id)

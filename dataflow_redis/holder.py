@@ -1,0 +1,60 @@
+"""What a rollout worker and a trainer share: an id, a lease duration, and the fencing
+token of every lease held. Tokens go with every hand-back (commit, fail, ack,
+heartbeat), so Redis can tell the current holder from one whose lease expired and was
+re-granted (see docs/design.md, "Leases, deadlines, fencing")."""
+
+from __future__ import annotations
+
+import uuid
+from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+
+from . import _args
+from .keys import validate_item_id
+
+if TYPE_CHECKING:
+    from .control_plane import ControlPlane
+
+
+class LeaseHolder:
+    """Base of :class:`~dataflow_redis.RolloutWorker` and :class:`~dataflow_redis.Trainer`.
+    Not thread-safe: give each thread its own holder."""
+
+    KIND = ""
+    """Which leases ``extend_leases.lua`` extends: 'prompt' or 'train'."""
+    ID_PREFIX = ""
+    """Prefix of generated holder ids."""
+
+    def __init__(self, cp: "ControlPlane", holder_id: Optional[str], lease_s: float, what: str) -> None:
+        self.cp = cp
+        self.holder_id = validate_item_id(holder_id or f"{self.ID_PREFIX}-{uuid.uuid4().hex[:12]}", what)
+        self.lease_s = _args.seconds(lease_s, "lease_s")
+        self._lease_ms = max(1, int(self.lease_s * 1000))
+        self._tokens: dict[str, str] = {}
+
+    @property
+    def held(self) -> list[str]:
+        """Ids of the leases this holder believes it holds."""
+        return list(self._tokens)
+
+    def _hand_back(self, script: str, head: Sequence, ids: Iterable[str],
+                   request_id: Optional[str]) -> list[str]:
+        """Run a script whose ARGV is ``head`` then (id, token) pairs and which releases
+        those leases; returns the ids it affected. The ids stop being held either way."""
+        args = list(head)
+        for item_id in ids:
+            args += [item_id, self._tokens.get(item_id, "")]
+        affected = [_args.text(i) for i in self.cp._run(script, args, request_id, scope=self.holder_id)]
+        for item_id in ids:
+            self._tokens.pop(item_id, None)
+        return affected
+
+    def heartbeat(self) -> list[str]:
+        """Extend every held lease to now + ``lease_s`` seconds; returns the ids lost
+        meanwhile (expired and reclaimed, or re-granted), which stop being held."""
+        args: list = [self.KIND, self.holder_id, self._lease_ms]
+        for item_id, token in self._tokens.items():
+            args += [item_id, token]
+        lost = [_args.text(i) for i in self.cp._run("extend_leases", args)]
+        for item_id in lost:
+            self._tokens.pop(item_id, None)
+        return lost
