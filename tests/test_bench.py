@@ -56,7 +56,7 @@ def test_every_operation_at_every_process_count_against_the_noop(result):
         for op, stat in level["ops"].items():
             assert stat["calls"] > 0 and positive(stat["ops_per_s"]), (level["processes"], op)
             assert 0 < stat["p50_ms"] <= stat["p99_ms"], (level["processes"], op)
-            assert stat["ratio_to_noop"] == pytest.approx(stat["ops_per_s"] / stat["noop_ops_per_s"], rel=1e-2)
+            assert stat["ratio_to_noop"] == pytest.approx(stat["ops_per_s"] / stat["noop_ops_per_s"], rel=1e-2, abs=1e-3)  # ratios are rounded to 3 decimals
 
 
 def test_full_cycle_and_lmove_baseline_for_both_batch_sizes(result):
@@ -64,7 +64,7 @@ def test_full_cycle_and_lmove_baseline_for_both_batch_sizes(result):
     assert set(batches) == {1, 64}
     for b in batches.values():
         assert positive(b["tasks_per_s"]) and positive(b["lmove_tasks_per_s"])
-        assert b["ratio_to_lmove"] == pytest.approx(b["tasks_per_s"] / b["lmove_tasks_per_s"], rel=1e-2)
+        assert b["ratio_to_lmove"] == pytest.approx(b["tasks_per_s"] / b["lmove_tasks_per_s"], rel=1e-2, abs=1e-3)
         assert positive(b["client_cpu_us_per_task"]) and positive(b["server_us_per_task"])
         assert positive(b["lmove_client_cpu_us_per_task"]) and positive(b["lmove_server_us_per_task"])
 
@@ -78,7 +78,7 @@ def test_scaling_pairs_cover_every_cycle_step(result):
         assert set(ops) == set(CYCLE_STEPS)
         for op, figure in ops.items():
             assert positive(figure["small_ms"]) and positive(figure["large_ms"]), (pair, op)
-            assert figure["ratio"] == pytest.approx(figure["large_ms"] / figure["small_ms"], rel=2e-2)
+            assert figure["ratio"] == pytest.approx(figure["large_ms"] / figure["small_ms"], rel=2e-2, abs=1e-3)
 
 
 def test_memory_per_pending_leased_and_acked_item(result):
