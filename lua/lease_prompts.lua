@@ -96,29 +96,18 @@ if granted > 0 then
     granted_ids = {}
     for i = 1, granted do granted_ids[i] = ids[i] end
   end
-  local granted_text = int_text(granted)
-  local first = redis.call('HINCRBY', K.counters, 'fence', granted_text) - granted
-  local deadline = int_text(now + lease_ms)
+  local first
+  first, tokens = grant_leases(K.prompt_leases, K.prompt_deadlines, ids, granted, sizes, worker,
+    now, now_text, lease_ms)
   local attempts = hmget_sparse(K.task_attempts, granted_ids)
   local records = get_many('HMGET', K.tasks, granted_ids)
-  local lease_pairs, deadline_pairs = {}, {}
   for i = 1, granted do
-    local task_id, token = ids[i], first + i
-    local token_text = int_text(token)
-    lease_pairs[2 * i - 1] = task_id
-    lease_pairs[2 * i] = token_text .. '|' .. int_text(sizes[i]) .. '|' .. now_text .. '|' .. worker
-    deadline_pairs[2 * i - 1] = deadline
-    deadline_pairs[2 * i] = task_id
-    tokens[2 * i - 1] = task_id
-    tokens[2 * i] = token_text
-    out[4 * i - 3] = task_id
-    out[4 * i - 2] = token
+    out[4 * i - 3] = ids[i]
+    out[4 * i - 2] = first + i
     out[4 * i - 1] = tonumber(attempts[i] or 0)
     out[4 * i] = records[i]
   end
-  call_many('HSET', K.prompt_leases, lease_pairs)
-  call_many('ZADD', K.prompt_deadlines, deadline_pairs)
-  redis.call('HINCRBY', K.worker_inflight, worker, granted_text)
+  redis.call('HINCRBY', K.worker_inflight, worker, int_text(granted))
   if added_bytes > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', added_bytes) end
   starvation_ends('rollout', now, bp[5])
 elseif refused_by_backpressure and redis.call('LLEN', K.pending) > 0 then

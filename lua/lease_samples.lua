@@ -42,25 +42,15 @@ local ids = redis.call('LPOP', K.train_queue, int_text(max_refs))
 local out, tokens = {}, {}
 if ids then
   local n = #ids
-  local first = redis.call('HINCRBY', K.counters, 'fence', int_text(n)) - n
-  local deadline = int_text(now + lease_ms)
+  local first
+  first, tokens = grant_leases(K.train_leases, K.train_deadlines, ids, n, nil, trainer,
+    now, now_text, lease_ms)
   local records = get_many('HMGET', K.samples, ids)
-  local lease_pairs, deadline_pairs = {}, {}
   for i = 1, n do
-    local sample_id, token = ids[i], first + i
-    local token_text = int_text(token)
-    lease_pairs[2 * i - 1] = sample_id
-    lease_pairs[2 * i] = token_text .. '|0|' .. now_text .. '|' .. trainer
-    deadline_pairs[2 * i - 1] = deadline
-    deadline_pairs[2 * i] = sample_id
-    tokens[2 * i - 1] = sample_id
-    tokens[2 * i] = token_text
-    out[3 * i - 2] = sample_id
-    out[3 * i - 1] = token
+    out[3 * i - 2] = ids[i]
+    out[3 * i - 1] = first + i
     out[3 * i] = records[i]
   end
-  call_many('HSET', K.train_leases, lease_pairs)
-  call_many('ZADD', K.train_deadlines, deadline_pairs)
   starvation_ends('trainer', now)
 else
   redis.call('DEL', K.train_signal)

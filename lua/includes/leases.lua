@@ -8,6 +8,29 @@
 
 local WAKE_TOKENS_MAX = 256
 
+-- Record leases on ids[1..n] for `holder`: consecutive fresh fencing tokens from
+-- counters.fence, "token|bytes|granted_ms|holder" in `leases` (bytes[i], or 0 when
+-- `bytes` is nil) and the deadline now + lease_ms in `deadlines`. Returns the first
+-- token minus one, and the flat {id, token, ...} list the reply cache keeps.
+local function grant_leases(leases, deadlines, ids, n, bytes, holder, now, now_text, lease_ms)
+  local first = redis.call('HINCRBY', K.counters, 'fence', int_text(n)) - n
+  local deadline = int_text(now + lease_ms)
+  local lease_pairs, deadline_pairs, tokens = {}, {}, {}
+  for i = 1, n do
+    local id, token_text = ids[i], int_text(first + i)
+    lease_pairs[2 * i - 1] = id
+    lease_pairs[2 * i] = token_text .. '|' .. (bytes and int_text(bytes[i]) or '0') .. '|' ..
+      now_text .. '|' .. holder
+    deadline_pairs[2 * i - 1] = deadline
+    deadline_pairs[2 * i] = id
+    tokens[2 * i - 1] = id
+    tokens[2 * i] = token_text
+  end
+  call_many('HSET', leases, lease_pairs)
+  call_many('ZADD', deadlines, deadline_pairs)
+  return first, tokens
+end
+
 -- Drop a prompt lease: frees the holder's in-flight slot and its byte reservation.
 local function release_prompt_lease(task_id, value)
   local _, bytes, _, holder = parse_lease(value)
