@@ -7,9 +7,9 @@ the keys it touches (names from :mod:`dataflow_redis.keys`). The loader
 * prepends ``local K = {config = KEYS[1], ...}`` built from that header, so scripts
   say ``K.pending`` and the Python side builds KEYS from the same header: the two
   can never disagree;
-* wraps each script in a redis-py ``Script`` (EVALSHA first, SCRIPT LOAD and retry on
-  NOSCRIPT, so a SCRIPT FLUSH or a failover to a server that never saw the script
-  recovers by itself).
+* keeps each script as a redis-py ``Script`` (its SHA1 and source); calls go out as
+  EVALSHA, and a NOSCRIPT reply loads the script and sends the call again, so a
+  SCRIPT FLUSH or a failover to a server that never saw the script recovers by itself.
 
 :class:`ScriptRunner` adds what every call needs: a request id (the reply-cache key
 that makes a retried call apply once), bounded retry with backoff on connection
