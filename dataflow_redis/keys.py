@@ -19,21 +19,21 @@ themselves: the clients pass every key in ``KEYS``.
 | worker_inflight | hash   | worker_id -> prompt leases held (a counter, never a scan)     |
 | workers         | zset   | rollout worker_id scored by last contact (ms)                 |
 | tasks_done      | set    | ids of tasks whose sample was committed (dedup on re-ingest)  |
-| dlq             | hash   | task_id -> JSON {reason, attempt, at_ms, terminal}            |
+| dlq             | hash   | task_id -> JSON {reason, attempt, at_ms, attempts_exhausted}  |
 | samples         | hash   | sample_id -> compact JSON record, until durably acked         |
 | train_queue     | list   | sample ids waiting for a trainer (FIFO)                       |
-| train_leases    | hash   | sample_id -> "token|granted_ms|trainer_id"                    |
+| train_leases    | hash   | sample_id -> "token|0|granted_ms|trainer_id"                  |
 | train_deadlines | zset   | sample_id scored by lease deadline (ms)                       |
 | trainers        | zset   | trainer_id scored by last contact (ms)                        |
 | train_signal    | list   | wake-up tokens for trainers blocked in ``lease(timeout_s=)``  |
-| acked           | set    | ids of acked samples (dedup marker, a few dozen bytes each)   |
+| acked           | set    | ids of acked samples (dedup marker, ~92 bytes per 32-char id) |
 | undurable       | zset   | acked sample ids scored by global_step, until a durable ack   |
 | failed_samples  | hash   | sample_id -> reason, for terminally failed samples            |
 | durable         | hash   | the durable ack marker: global_step, durable_global_step, ... |
 | ack_log         | stream | one entry per ack: trainer, global_step, optimizer_durable    |
 | bp              | hash   | backpressure state: latch, operator pause, starvation, bytes  |
 | shards          | hash   | shard_id -> "seq|resident|max|avg_age|oldest_age|at_ms"       |
-| shard_seen      | zset   | shard_id scored by last report (ms), for staleness            |
+| shard_seen      | zset   | not-yet-stale shard_id scored by last report (ms)             |
 | stale_shards    | set    | shards currently marked stale                                 |
 | events          | stream | transition log (pause, resume, operator, config, stale)       |
 | reply:<op>:<caller>:<req_id> | string | cached reply of a mutating call, for safe retries (expires) |
@@ -42,6 +42,7 @@ themselves: the clients pass every key in ``KEYS``.
 from __future__ import annotations
 
 import re
+
 from .errors import InvalidArgument
 
 DEFAULT_NAMESPACE = "dfr"
