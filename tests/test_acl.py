@@ -129,7 +129,7 @@ def test_restricted_user_runs_lifecycle_backpressure_and_status(server):
 
 
 def test_restricted_user_runs_the_cli(server):
-    cli_module = pytest.importorskip("dataflow_redis.cli")
+    from dataflow_redis import cli as cli_module
     from click.testing import CliRunner
 
     run_id = f"acl-cli-{uuid.uuid4().hex[:8]}"
@@ -163,7 +163,7 @@ def test_user_without_the_needed_rights_gets_authentication_failed(server, user)
 
 
 def test_cli_reports_a_missing_permission_in_one_line(server):
-    cli_module = pytest.importorskip("dataflow_redis.cli")
+    from dataflow_redis import cli as cli_module
     from click.testing import CliRunner
 
     result = CliRunner(env={"DATAFLOW_REDIS_URL": url(server, "outsider"), "DATAFLOW_RUN": "acl-denied"}).invoke(
@@ -229,7 +229,7 @@ def test_rediss_url_with_tls_and_acl_user(tmp_path):
             ControlPlane.from_url(url(server, "dataflow", scheme="rediss", port=tls_port), "tls-run",
                                   retry_s=0.2).status()
         assert "certificate" in str(info.value).lower() and USER_PASSWORD not in str(info.value)
-        cli_module = pytest.importorskip("dataflow_redis.cli")
+        from dataflow_redis import cli as cli_module
         from click.testing import CliRunner
 
         result = CliRunner(env={"DATAFLOW_REDIS_URL": tls_url, "DATAFLOW_RUN": "tls-run"}).invoke(
