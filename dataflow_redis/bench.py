@@ -237,11 +237,7 @@ class _Client:
     def cycle(self, start_at: float, seconds: float, batch: int) -> dict:
         """The full cycle, ``batch`` items per call, for ``seconds``: tasks acked."""
         cp, worker, trainer, run_id = self.cp, self.worker, self.trainer, self.run_id
-        delay = start_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        begin, cpu = time.perf_counter(), time.process_time()
-        stop = begin + seconds
+        begin, cpu, stop = _timed_window(start_at, seconds)
         acked = 0
         while time.perf_counter() < stop:
             cp.ingest_prompts([{"payload": PAYLOAD} for _ in range(batch)])
@@ -260,11 +256,7 @@ class _Client:
         ref, decode the leased ref, check the acked id). Its rate is the ceiling of
         the full cycle's on this machine, however fast Redis were."""
         run_id = self.run_id
-        delay = start_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        begin, cpu = time.perf_counter(), time.process_time()
-        stop = begin + seconds
+        begin, cpu, stop = _timed_window(start_at, seconds)
         done = 0
         while time.perf_counter() < stop:
             for task in [task_from_input({"payload": PAYLOAD}, run_id) for _ in range(batch)]:
@@ -283,11 +275,7 @@ class _Client:
         hop1, hop2 = prefix + "hop1", prefix + "hop2"
         work1, work2 = prefix + f"work1:{self.index}", prefix + f"work2:{self.index}"
         ref_json = json.dumps({"feature_store_uri": "mem://bench", "strategy": "eagle3"})
-        delay = start_at - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
-        begin, cpu = time.perf_counter(), time.process_time()
-        stop = begin + seconds
+        begin, cpu, stop = _timed_window(start_at, seconds)
         moved = 0
         pipe = r.pipeline(transaction=False)
         while time.perf_counter() < stop:
@@ -413,6 +401,17 @@ def _summarise(replies: list) -> dict:
     rate = sum(r["calls"] / r["elapsed"] for r in replies if r["elapsed"] > 0)
     return {"ops_per_s": round(rate, 1), "p50_ms": round(_percentile(latencies, 0.50) * 1e3, 3),
             "p99_ms": round(_percentile(latencies, 0.99) * 1e3, 3), "calls": len(latencies)}
+
+
+def _timed_window(start_at: float, seconds: float) -> tuple[float, float, float]:
+    """Sleep until ``start_at`` (time.monotonic, shared by every process of a
+    measurement), then return (wall start, CPU start, wall stop) for a window of
+    ``seconds``."""
+    delay = start_at - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+    begin = time.perf_counter()
+    return begin, time.process_time(), begin + seconds
 
 
 def _ratio(a: float, b: float) -> float:

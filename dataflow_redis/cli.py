@@ -590,7 +590,8 @@ def dlq_requeue(target: Target, task_ids: tuple[str, ...], reason: str) -> None:
     """Send dead-lettered TASK_IDS back to pending with attempt 0."""
     requeued = target.control_plane().requeue_dead_letters(list(task_ids), reason)
     click.echo(f"requeued {len(requeued)} of {len(task_ids)} task(s)" + (f": {' '.join(requeued)}" if requeued else ""))
-    missing = [t for t in task_ids if t not in set(requeued)]
+    requeued_set = set(requeued)
+    missing = [t for t in task_ids if t not in requeued_set]
     if missing:
         click.echo(f"not dead-lettered (left alone): {' '.join(missing)}", err=True)
 
