@@ -29,7 +29,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import _args
+from . import _args, idset
 from .capacity import CapacityReporter
 from .config import DEFAULT_MAX_RECORD_BYTES, BackpressureConfig, RunSettings, from_redis, to_redis_pairs
 from .errors import ConfigError, InvalidArgument, RecordTooLarge
@@ -272,6 +272,16 @@ class ControlPlane:
                 if kind == "prompt":
                     row["attempt"] = int(replies[1][i] or 0)
         return rows
+
+    @mapped_errors
+    def is_acked(self, sample_ids: Iterable[str]) -> list[bool]:
+        """Whether each sample was acked (its dedup marker is kept), in order."""
+        return idset.contains(self.redis, self.keys.acked, _args.ids(sample_ids, "sample id"))
+
+    @mapped_errors
+    def is_done(self, task_ids: Iterable[str]) -> list[bool]:
+        """Whether each task is done (a sample of it was committed), in order."""
+        return idset.contains(self.redis, self.keys.tasks_done, _args.ids(task_ids, "task id"))
 
     @mapped_errors
     def worker_inflight(self) -> dict[str, int]:

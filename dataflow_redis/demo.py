@@ -345,7 +345,7 @@ def _count_unacked(cp: ControlPlane, prompts: int) -> int:
     missing = 0
     for start in range(0, prompts, 1000):
         ids = [sample_id_of(f"task-{i:06d}") for i in range(start, min(prompts, start + 1000))]
-        missing += sum(1 for present in cp.redis.smismember(cp.keys.acked, ids) if not present)
+        missing += sum(1 for present in cp.is_acked(ids) if not present)
     return missing
 
 

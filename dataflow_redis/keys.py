@@ -18,7 +18,7 @@ themselves: the clients pass every key in ``KEYS``.
 | prompt_deadlines| zset   | task_id scored by lease deadline (ms, Redis time)              |
 | worker_inflight | hash   | worker_id -> prompt leases held (a counter, never a scan)     |
 | workers         | zset   | rollout worker_id scored by last contact (ms)                 |
-| tasks_done      | set    | ids of tasks whose sample was committed (dedup on re-ingest)  |
+| tasks_done      | hash   | packed id set (idset.py): tasks whose sample was committed    |
 | dlq             | hash   | task_id -> JSON {reason, attempt, at_ms, attempts_exhausted}  |
 | samples         | hash   | sample_id -> compact JSON record, until durably acked         |
 | train_queue     | list   | sample ids waiting for a trainer (FIFO)                       |
@@ -26,7 +26,7 @@ themselves: the clients pass every key in ``KEYS``.
 | train_deadlines | zset   | sample_id scored by lease deadline (ms)                       |
 | trainers        | zset   | trainer_id scored by last contact (ms)                        |
 | train_signal    | list   | wake-up tokens for trainers blocked in ``lease(timeout_s=)``  |
-| acked           | set    | ids of acked samples (dedup marker, ~92 bytes per 32-char id) |
+| acked           | hash   | packed id set (idset.py): acked samples, ~len(id) + 4 bytes   |
 | undurable       | zset   | acked sample ids scored by global_step, until a durable ack   |
 | failed_samples  | hash   | sample_id -> reason, for terminally failed samples            |
 | durable         | hash   | the durable ack marker: global_step, durable_global_step, ... |

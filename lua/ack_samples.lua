@@ -18,6 +18,7 @@
 --   the ids and the lease release change together or not at all; global_step never
 --   decreases except through requeue_undurable.lua.
 -- @include util
+-- @include idset
 
 local trainer, step_arg, durable = ARGV[1], ARGV[2], ARGV[3] == '1'
 local cfg = load_config({'reply_ttl_s'})
@@ -50,7 +51,7 @@ end
 if #acked > 0 then
   call_many('HDEL', K.train_leases, acked)
   call_many('ZREM', K.train_deadlines, acked)
-  call_many('SADD', K.acked, acked)
+  idset_add(K.acked, acked)
   if durable then
     call_many('HDEL', K.samples, acked)
   else

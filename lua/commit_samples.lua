@@ -23,6 +23,7 @@
 -- @include util
 -- @include backpressure
 -- @include leases
+-- @include idset
 
 local worker, offline, count = ARGV[1], ARGV[2] == '1', tonumber(ARGV[3])
 local cfg = load_config({'max_record_bytes', 'reply_ttl_s'})
@@ -77,9 +78,10 @@ for j = 1, #candidates do
   end
 end
 local was_failed = hmget_sparse(K.failed_samples, unseen)
+local was_acked = idset_has(K.acked, unseen)
 local fresh, records = {}, {}
 for j = 1, #unseen do
-  if not was_failed[j] and redis.call('SISMEMBER', K.acked, unseen[j]) == 0 then
+  if not was_failed[j] and not was_acked[j] then
     fresh[#fresh + 1] = unseen[j]
     records[#records + 1] = unseen[j]
     records[#records + 1] = ARGV[4 * unseen_at[j] + 3]
@@ -104,7 +106,7 @@ if done > 0 then
     redis.call('HDEL', K.worker_inflight, worker)
   end
   if reserved > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', -reserved) end
-  call_many('SADD', K.tasks_done, done_ids)
+  idset_add(K.tasks_done, done_ids)
   call_many('HDEL', K.tasks, done_ids)
   hdel_sparse(K.task_bytes, done_ids)
   hdel_sparse(K.task_attempts, done_ids)

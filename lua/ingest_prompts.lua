@@ -10,6 +10,7 @@
 --          counts fresh ids only. A retry with the same request id returns the
 --          first reply.
 -- @include util
+-- @include idset
 
 local cfg = load_config({'max_record_bytes', 'reply_ttl_s'})
 local cached = cached_reply()
@@ -23,11 +24,12 @@ if too_large then return too_large end
 local ids = {}
 for i = 1, count do ids[i] = ARGV[3 * i - 1] end
 local live = get_many('HMGET', K.tasks, ids)
+local done = idset_has(K.tasks_done, ids)
 
 local fresh, seen, records, sizes = {}, {}, {}, {}
 for i = 1, count do
   local task_id = ids[i]
-  if not live[i] and not seen[task_id] and redis.call('SISMEMBER', K.tasks_done, task_id) == 0 then
+  if not live[i] and not done[i] and not seen[task_id] then
     seen[task_id] = true  -- an id twice in one call: the first copy wins
     fresh[#fresh + 1] = task_id
     records[#records + 1] = task_id

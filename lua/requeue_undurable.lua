@@ -13,6 +13,7 @@
 --   samples covered by a durable ack are never requeued.
 -- @include util
 -- @include leases
+-- @include idset
 
 local after = ARGV[1]
 if after == '' then after = redis.call('HGET', K.durable, 'durable_global_step') or '-1' end
@@ -24,7 +25,7 @@ end
 local ids = redis.call('ZRANGEBYSCORE', K.undurable, '(' .. after, '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
 for _, sample_id in ipairs(ids) do
   redis.call('ZREM', K.undurable, sample_id)
-  redis.call('SREM', K.acked, sample_id)
+  idset_remove(K.acked, sample_id)
   redis.call('LPUSH', K.train_queue, sample_id)
 end
 if #ids > 0 then

@@ -7,6 +7,7 @@ port and stopped at the end. Each test gets its own run id, so tests never share
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 
@@ -62,7 +63,20 @@ def fake_cp():
     fakeredis = pytest.importorskip("fakeredis")
     pytest.importorskip("lupa")
     client = fakeredis.FakeRedis(decode_responses=True)
+    _give_fake_lua_sha1hex(client)
     return ControlPlane(client, run_id=f"fake-{uuid.uuid4().hex[:8]}")
+
+
+def _give_fake_lua_sha1hex(client) -> None:
+    """fakeredis's Lua has no redis.sha1hex (the packed id sets hash ids with it): add
+    Python's, which gives the same digest as Redis's."""
+    client.eval("return 1", 0)  # creates the server's Lua runtime
+    connection = client.connection_pool.get_connection()
+    try:
+        runtime = connection._server._lua_runtime
+    finally:
+        client.connection_pool.release(connection)
+    runtime.globals().redis.sha1hex = lambda data: hashlib.sha1(data).hexdigest().encode()
 
 
 def make_ref(cp, sample_id, task_id=None, nbytes=1024, **kwargs):

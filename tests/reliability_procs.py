@@ -21,7 +21,7 @@ import random
 import time
 from typing import Any, Iterator
 
-from dataflow_redis import ControlPlane, FeatureSpec, SampleRef
+from dataflow_redis import ControlPlane, FeatureSpec, SampleRef, idset
 
 
 class Log:
@@ -326,14 +326,14 @@ def verify_final_state(cp: ControlPlane, task_ids: set[str]) -> dict:
         assert r.zcard(key) == 0, f"{key} not empty"
     assert int(r.hget(k.bp, "reserved_bytes") or 0) == 0
 
-    done = r.smembers(k.tasks_done)
+    done = idset.members(r, k.tasks_done)
     dead = set(r.hkeys(k.dlq))
     assert not done & dead, f"tasks both done and dead-lettered: {sorted(done & dead)[:10]}"
     assert done | dead == task_ids, (
         f"lost tasks: {sorted(task_ids - done - dead)[:10]}; unknown: {sorted((done | dead) - task_ids)[:10]}")
     assert set(r.hkeys(k.tasks)) == dead, "a finished task kept its record, or a dead letter lost it"
 
-    acked = r.smembers(k.acked)
+    acked = idset.members(r, k.acked)
     failed = set(r.hkeys(k.failed_samples))
     committed = {f"s-{t}" for t in done}
     assert not acked & failed, f"samples both acked and failed: {sorted(acked & failed)[:10]}"

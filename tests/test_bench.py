@@ -84,8 +84,9 @@ def test_scaling_pairs_cover_every_cycle_step(result):
 def test_memory_per_pending_leased_and_acked_item(result):
     memory = result["memory"]
     assert memory["payload_bytes"] == len(PAYLOAD)
-    assert memory["generated"]["task_id_chars"] == 32 and memory["short"]["task_id_chars"] == 8
-    for style in ("generated", "short"):
+    assert memory["generated"]["task_id_chars"] == 16 and memory["short"]["task_id_chars"] == 8
+    assert memory["uuid"]["task_id_chars"] == 32
+    for style in ("generated", "short", "uuid"):
         figures = memory[style]
         # A pending task holds at least its payload and its id; a lease adds a record.
         assert figures["pending_task_bytes"] > len(PAYLOAD) + figures["task_id_chars"]
@@ -93,9 +94,10 @@ def test_memory_per_pending_leased_and_acked_item(result):
         assert positive(figures["acked_sample_bytes"])
         assert figures["pending_overhead_bytes"] == pytest.approx(figures["pending_task_bytes"] - len(PAYLOAD))
         assert positive(figures["reply_cache_bytes_per_call"])
-    # 32-character ids cost more than 8-character ones wherever an id is kept.
-    assert memory["generated"]["pending_task_bytes"] > memory["short"]["pending_task_bytes"]
-    assert memory["generated"]["acked_sample_bytes"] > memory["short"]["acked_sample_bytes"]
+    # Longer ids cost more wherever an id is kept.
+    for longer, shorter in (("uuid", "generated"), ("generated", "short")):
+        assert memory[longer]["pending_task_bytes"] > memory[shorter]["pending_task_bytes"]
+        assert memory[longer]["acked_sample_bytes"] > memory[shorter]["acked_sample_bytes"]
 
 
 def test_every_target_is_checked(result):

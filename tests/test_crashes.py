@@ -28,6 +28,7 @@ import pytest
 
 import reliability_procs as procs
 from conftest import make_ref
+from dataflow_redis import idset
 
 pytestmark = pytest.mark.slow
 
@@ -250,4 +251,4 @@ def test_late_ack_of_a_frozen_trainer_is_fenced(cp, redis_url, tmp_path, rescuer
     assert rescuer.ack(["s0"], global_step=1, optimizer_durable=True) == ["s0"]
     status = cp.status()
     assert status["samples_acked"] == 1 and status["queue_depth"] == 0 and status["queue_in_flight"] == 0
-    assert cp.redis.smembers(cp.keys.acked) == {"s0"}
+    assert idset.members(cp.redis, cp.keys.acked) == {"s0"}

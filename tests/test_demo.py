@@ -17,7 +17,7 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from dataflow_redis import ControlPlane
+from dataflow_redis import ControlPlane, idset
 from dataflow_redis.cli import EXIT_BAD_VALUE, main
 from dataflow_redis.demo import BYTES_PER_TOKEN, sample_id_of
 from dataflow_redis.simstore import SimulatedFeatureStore
@@ -64,7 +64,7 @@ def test_demo_json_on_external_redis_loses_nothing_and_engages_backpressure(redi
     bp = status["backpressure"]
     assert (status["prompts"], status["samples_acked"], status["prompts_pending"], status["prompts_leased"],
             status["queue_depth"], status["queue_in_flight"], status["prompts_failed"]) == (240, 240, 0, 0, 0, 0, 0)
-    acked = cp.redis.smismember(cp.keys.acked, [sample_id_of(f"task-{i:06d}") for i in range(240)])
+    acked = idset.contains(cp.redis, cp.keys.acked, [sample_id_of(f"task-{i:06d}") for i in range(240)])
     assert all(acked)
     assert SimulatedFeatureStore(cp, "sim-0", report=False).state().resident_bytes == 0
     assert bp["resident_bytes"] == 0 and bp["reserved_bytes"] == 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import dump_run, make_ref
-from dataflow_redis import InvalidArgument, StepRegression
+from dataflow_redis import InvalidArgument, StepRegression, idset
 from dataflow_redis.scripts import load_scripts
 
 
@@ -41,7 +41,7 @@ def test_ack_is_one_script_that_writes_ids_step_flag_and_releases_leases(cp):
     evalsha_before = successful_evalsha_calls(cp)
     assert t.ack(["s0", "s1"], global_step=5, optimizer_durable=True) == ["s0", "s1"]
     assert successful_evalsha_calls(cp) - evalsha_before == 1, "the ack must be one script call"
-    assert cp.redis.smembers(cp.keys.acked) == {"s0", "s1"}
+    assert idset.members(cp.redis, cp.keys.acked) == {"s0", "s1"}
     assert cp.redis.hgetall(cp.keys.durable) == {"global_step": "5", "durable_global_step": "5"}
     assert cp.redis.hlen(cp.keys.train_leases) == 0 and cp.redis.zcard(cp.keys.train_deadlines) == 0
     assert ack_log(cp)[-1] == {"trainer": "tr", "global_step": "5", "optimizer_durable": "1", "acked": "2"}
@@ -117,7 +117,7 @@ def test_requeue_undurable_returns_acks_after_the_last_durable_step(cp):
     # The trainer crashes; it restarts from its last durable checkpoint (step 1).
     assert cp.requeue_undurable() == 3
     assert set(cp.redis.lrange(cp.keys.train_queue, 0, -1)) == {"b", "c", "d"}
-    assert cp.redis.smembers(cp.keys.acked) == {"a"}
+    assert idset.members(cp.redis, cp.keys.acked) == {"a"}
     status = cp.status()
     assert status["samples_acked"] == 1 and status["train_backlog"] == 3 and status["undurable_acked"] == 0
     assert cp.requeue_undurable() == 0  # idempotent
@@ -139,7 +139,7 @@ def test_requeue_undurable_after_an_explicit_step(cp):
     t.ack(["c"], global_step=3)
     assert cp.requeue_undurable(after_step=2) == 1
     assert cp.redis.lrange(cp.keys.train_queue, 0, -1) == ["c"]
-    assert cp.redis.smembers(cp.keys.acked) == {"a", "b"}
+    assert idset.members(cp.redis, cp.keys.acked) == {"a", "b"}
     assert cp.status()["global_step"] == 2
     with pytest.raises(InvalidArgument):
         cp.requeue_undurable(after_step="2")
@@ -151,7 +151,7 @@ def test_requeue_undurable_works_in_batches(cp):
     t.ack(ids, global_step=7)
     assert cp.requeue_undurable(batch=10) == 25
     assert cp.redis.llen(cp.keys.train_queue) == 25
-    assert cp.redis.scard(cp.keys.acked) == 0
+    assert idset.count(cp.redis, cp.keys.acked) == 0
 
 
 def test_durable_acks_are_never_replayed(cp):

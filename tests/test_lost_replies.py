@@ -19,7 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 
 from conftest import make_ref
-from dataflow_redis import ControlPlane
+from dataflow_redis import ControlPlane, idset
 from dataflow_redis.scripts import load_scripts
 from tcp_proxy import ReplyDroppingProxy
 
@@ -110,7 +110,7 @@ def test_lost_ack_reply_acks_once(proxied, drops):
     assert acked == ["s0", "s1", "s2", "s3"]
     assert counters(direct)["samples_acked"] == 4
     assert direct.redis.xlen(direct.keys.ack_log) == 1, "the ack script ran more than once"
-    assert direct.redis.smembers(direct.keys.acked) == {"s0", "s1", "s2", "s3"}
+    assert idset.members(direct.redis, direct.keys.acked) == {"s0", "s1", "s2", "s3"}
     assert direct.status()["durable_global_step"] == 5
 
 

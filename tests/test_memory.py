@@ -1,21 +1,20 @@
 """Memory stays bounded on long runs (issue point 9).
 
-20,000 samples with realistic ids (uuid4 hex, as ingest generates them) go through the
-whole lifecycle and are acked durably on a private redis-server. Afterwards no task or
-sample record is left: what remains per sample is its id in ``acked`` (dedup of a
-re-sent commit) and its task's id in ``tasks_done`` (dedup of re-ingest). The figures
-are printed (run with ``-s``): MEMORY USAGE of those sets and the used_memory growth of
-the server, per sample, once the reply cache (kept reply_ttl_s seconds) is gone.
+20,000 samples go through the whole lifecycle and are acked durably on a private
+redis-server, with the ids ingest generates (16 characters) and sample ids made from
+them (task id + ":0"). Afterwards no task or sample record is left: what remains per
+sample is its id in ``acked`` (dedup of a re-sent commit) and its task's id in
+``tasks_done`` (dedup of re-ingest), both packed id sets (lua/includes/idset.lua). The
+figures are printed (run with ``-s``): MEMORY USAGE of those sets and the used_memory
+growth of the server, per sample, once the reply cache (kept reply_ttl_s s) is gone.
 """
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from conftest import make_ref
-from dataflow_redis import ControlPlane
+from dataflow_redis import ControlPlane, idset
 from dataflow_redis.embedded import RedisServer
 from dataflow_redis.records import encode_ref
 
@@ -55,7 +54,7 @@ def acked_run():
         record_bytes = []
         for start in range(0, SAMPLES, BATCH):
             tasks = worker.lease(BATCH)
-            refs = [make_ref(cp, uuid.uuid4().hex, t.task_id) for t in tasks]
+            refs = [make_ref(cp, t.task_id + ":0", t.task_id) for t in tasks]
             record_bytes.extend(len(encode_ref(r)) for r in refs)
             assert len(worker.commit(refs)) == len(tasks)
             leased = [r.sample_id for r in trainer.lease(BATCH)]
@@ -79,8 +78,9 @@ def test_an_acked_sample_keeps_no_record(acked_run):
     for name in ("samples", "tasks", "task_bytes", "task_attempts", "prompt_leases", "prompt_deadlines",
                  "train_leases", "train_deadlines", "undurable", "pending", "train_queue", "worker_inflight"):
         assert not client.exists(getattr(cp.keys, name)), f"{name} still holds data after every sample was acked"
-    assert client.scard(cp.keys.acked) == SAMPLES + 1
-    assert client.scard(cp.keys.tasks_done) == SAMPLES + 1
+    assert idset.count(client, cp.keys.acked) == SAMPLES + 1
+    assert idset.count(client, cp.keys.tasks_done) == SAMPLES + 1
+    assert idset.members(client, cp.keys.tasks_done) == set(acked_run["task_ids"]) | {"warm-up"}
     assert client.xlen(cp.keys.ack_log) <= 1100, "the ack log is capped"
 
 
@@ -90,24 +90,29 @@ def test_bytes_kept_per_acked_sample_are_small(acked_run):
     done_per_sample = (memory_usage(client, cp.keys.tasks_done) - acked_run["done_before"]) / SAMPLES
     growth_per_sample = (acked_run["steady"] - acked_run["baseline"]) / SAMPLES
     replies_per_sample = (acked_run["with_replies"] - acked_run["steady"]) / SAMPLES
-    print(f"\n{SAMPLES} samples acked durably, ids of 32 hex characters, records of "
+    id_chars = len(acked_run["task_ids"][0])
+    print(f"\n{SAMPLES} samples acked durably, generated task ids of {id_chars} characters, records of "
           f"{acked_run['record_bytes']:.0f} bytes of JSON:"
           f"\n  acked set (dedup of commits):      {acked_per_sample:6.1f} bytes/sample"
           f"\n  tasks_done set (dedup of ingest):  {done_per_sample:6.1f} bytes/sample"
           f"\n  server used_memory growth:         {growth_per_sample:6.1f} bytes/sample"
           f"\n  reply cache until reply_ttl_s:     {replies_per_sample:6.1f} bytes/sample "
           f"({acked_run['reply_keys']} keys, expire by themselves)")
-    # The id itself is 32 bytes; a set entry costs it plus a few pointers.
-    assert acked_per_sample <= 120
-    assert done_per_sample <= 120
+    # A packed id costs its characters plus a separator and a share of its bucket.
+    assert id_chars == 16
+    assert done_per_sample <= id_chars + 8
+    assert acked_per_sample <= id_chars + 2 + 8
+    assert acked_per_sample + done_per_sample <= 64
     # Everything the run keeps is the two id sets plus small constant state: far less
     # than the record it would keep if acked records were never dropped.
     assert growth_per_sample <= acked_per_sample + done_per_sample + 20
-    assert growth_per_sample < acked_run["record_bytes"] + 2 * 32
+    assert growth_per_sample < acked_run["record_bytes"] + 2 * id_chars
 
 
 def test_dedup_still_works_from_the_ids_alone(acked_run):
     cp = acked_run["cp"]
     assert cp.ingest_prompts([{"task_id": acked_run["task_ids"][0]}]) == []
-    acked_id = cp.redis.srandmember(cp.keys.acked)
+    acked_id = acked_run["task_ids"][-1] + ":0"
+    assert cp.is_acked([acked_id, "never-acked"]) == [True, False]
+    assert cp.is_done([acked_run["task_ids"][0], "never-done"]) == [True, False]
     assert cp.enqueue_offline_refs([make_ref(cp, acked_id)]) == []

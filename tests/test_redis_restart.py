@@ -17,7 +17,7 @@ import pytest
 
 import reliability_procs as procs
 from conftest import make_ref
-from dataflow_redis import BackpressureConfig, ConnectionFailed, ControlPlane
+from dataflow_redis import BackpressureConfig, ConnectionFailed, ControlPlane, idset
 from dataflow_redis.embedded import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 def snapshot(cp: ControlPlane) -> dict:
     r, k = cp.redis, cp.keys
     return {
-        "acked": r.smembers(k.acked),
-        "done": r.smembers(k.tasks_done),
+        "acked": idset.members(r, k.acked),
+        "done": idset.members(r, k.tasks_done),
         "counters": {name: int(v) for name, v in r.hgetall(k.counters).items()},
         "durable": r.hgetall(k.durable),
         "config": r.hgetall(k.config),

@@ -1,0 +1,132 @@
+-- includes/idset.lua: exact sets of ids packed into the values of one hash. The dedup
+-- markers kept for every done task and acked sample (tasks_done, acked) live here:
+-- about len(id) + 2 bytes per id, where a Redis set member costs about 60 + len(id).
+--
+-- Layout (linear hashing, so buckets stay small however large the set grows):
+--   field "n"             members
+--   field "l", field "s"  level L and split pointer s; the set has 2^L + s buckets
+--   field "b<i>"          bucket i: "\n" then "<id>\n" per member (absent = empty)
+-- An id with hash h (first 32 bits of its SHA1) lives in bucket h mod 2^L, or in
+-- h mod 2^(L+1) when that first answer is below s. Whenever members exceed
+-- IDSET_LOAD per bucket, bucket s is split in two (its members move by h mod 2^(L+1))
+-- and s advances; when s reaches 2^L, L grows by one and s restarts at 0. So a lookup
+-- or an insert reads and writes one bucket of about IDSET_LOAD ids, and a split moves
+-- one bucket: bounded work per call whatever the size of the set.
+-- Ids never contain "\n" (ids are printable ASCII without spaces, keys.py), so
+-- "\n<id>\n" matches exactly one member. dataflow_redis/idset.py reads the layout.
+
+local IDSET_LOAD = 32
+
+local function idset_hash(id)
+  return tonumber(string.sub(redis.sha1hex(id), 1, 8), 16)
+end
+
+local function idset_shape(key)
+  local meta = redis.call('HMGET', key, 'n', 'l', 's')
+  return tonumber(meta[1] or 0), tonumber(meta[2] or 0), tonumber(meta[3] or 0)
+end
+
+local function idset_field(h, level, split)
+  local low = 2 ^ level
+  local bucket = h % low
+  if bucket < split then bucket = h % (2 * low) end
+  return 'b' .. string.format('%d', bucket)
+end
+
+-- Membership of each of ids[1..#ids]: a table of booleans in the same order.
+local function idset_has(key, ids)
+  local out, n = {}, #ids
+  if n == 0 then return out end
+  local members, level, split = idset_shape(key)
+  if members == 0 then
+    for i = 1, n do out[i] = false end
+    return out
+  end
+  local fields = {}
+  for i = 1, n do fields[i] = idset_field(idset_hash(ids[i]), level, split) end
+  local buckets = get_many('HMGET', key, fields)
+  for i = 1, n do
+    local bucket = buckets[i]
+    out[i] = (bucket and string.find(bucket, '\n' .. ids[i] .. '\n', 1, true)) ~= nil
+  end
+  return out
+end
+
+-- Move the members of bucket `split` that hash to split + 2^level into that new bucket.
+local function idset_split(key, level, split)
+  local low = 2 ^ level
+  local from = 'b' .. string.format('%d', split)
+  local into = 'b' .. string.format('%d', split + low)
+  local stay, move = {''}, {''}
+  for id in string.gmatch(redis.call('HGET', key, from) or '', '[^\n]+') do
+    if idset_hash(id) % (2 * low) == split then stay[#stay + 1] = id else move[#move + 1] = id end
+  end
+  if #stay > 1 then redis.call('HSET', key, from, table.concat(stay, '\n') .. '\n')
+  else redis.call('HDEL', key, from) end
+  if #move > 1 then redis.call('HSET', key, into, table.concat(move, '\n') .. '\n') end
+end
+
+-- Add ids[1..#ids] (members already present, and repeats within the call, are
+-- skipped). Returns how many were added.
+local function idset_add(key, ids)
+  if #ids == 0 then return 0 end
+  local members, level, split = idset_shape(key)
+  local order, groups, seen = {}, {}, {}
+  for _, id in ipairs(ids) do
+    if not seen[id] then
+      seen[id] = true
+      local field = idset_field(idset_hash(id), level, split)
+      local group = groups[field]
+      if not group then
+        group = {}
+        groups[field] = group
+        order[#order + 1] = field
+      end
+      group[#group + 1] = id
+    end
+  end
+  local current = get_many('HMGET', key, order)
+  local writes, added = {}, 0
+  for j, field in ipairs(order) do
+    local bucket = current[j] or '\n'
+    local parts = {bucket}
+    for _, id in ipairs(groups[field]) do
+      if not string.find(bucket, '\n' .. id .. '\n', 1, true) then
+        parts[#parts + 1] = id .. '\n'
+        added = added + 1
+      end
+    end
+    if #parts > 1 then
+      writes[#writes + 1] = field
+      writes[#writes + 1] = table.concat(parts)
+    end
+  end
+  if added == 0 then return 0 end
+  call_many('HSET', key, writes)
+  members = members + added
+  while members > IDSET_LOAD * (2 ^ level + split) do
+    idset_split(key, level, split)
+    split = split + 1
+    if split == 2 ^ level then
+      level = level + 1
+      split = 0
+    end
+  end
+  redis.call('HSET', key, 'n', string.format('%d', members), 'l', string.format('%d', level),
+    's', string.format('%d', split))
+  return added
+end
+
+-- Remove one id; returns 1 if it was a member, else 0.
+local function idset_remove(key, id)
+  local members, level, split = idset_shape(key)
+  if members == 0 then return 0 end
+  local field = idset_field(idset_hash(id), level, split)
+  local bucket = redis.call('HGET', key, field)
+  local at = bucket and string.find(bucket, '\n' .. id .. '\n', 1, true)
+  if not at then return 0 end
+  bucket = string.sub(bucket, 1, at) .. string.sub(bucket, at + #id + 2)
+  if bucket == '\n' then redis.call('HDEL', key, field) else redis.call('HSET', key, field, bucket) end
+  redis.call('HSET', key, 'n', string.format('%d', members - 1))
+  return 1
+end
