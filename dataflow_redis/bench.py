@@ -44,6 +44,7 @@ from array import array
 from typing import Any, Callable, Optional
 
 import click
+import orjson
 import redis
 
 from .config import BackpressureConfig
@@ -279,12 +280,13 @@ class _Client:
         prefix = f"{_NAMESPACE}:{{{self.run_id}}}:lmove:"
         hop1, hop2 = prefix + "hop1", prefix + "hop2"
         work1, work2 = prefix + f"work1:{self.index}", prefix + f"work2:{self.index}"
-        ref_json = json.dumps({"feature_store_uri": "mem://bench", "strategy": "eagle3"})
+        # Task and result JSON by the same encoder the records use (orjson).
+        ref_json = orjson.dumps({"feature_store_uri": "mem://bench", "strategy": "eagle3"})
         begin, cpu, stop = _timed_window(start_at, seconds)
         moved = 0
         pipe = r.pipeline(transaction=False)
         while time.perf_counter() < stop:
-            r.lpush(hop1, *[json.dumps({"task_id": uuid.uuid4().hex, "payload": PAYLOAD})
+            r.lpush(hop1, *[orjson.dumps({"task_id": uuid.uuid4().hex, "payload": PAYLOAD})
                             for _ in range(batch)])
             if batch == 1:
                 tasks = [r.lmove(hop1, work1, "RIGHT", "LEFT")]

@@ -34,7 +34,7 @@ from .capacity import CapacityReporter
 from .config import DEFAULT_MAX_RECORD_BYTES, BackpressureConfig, RunSettings, from_redis, to_redis_pairs
 from .errors import ConfigError, InvalidArgument, RecordTooLarge
 from .keys import DEFAULT_NAMESPACE, RunKeys
-from .records import SampleRef, check_refs, encode_ref, encode_task, task_from_input
+from .records import PromptTask, SampleRef, check_refs, encode_ref, encode_task, task_from_input
 from .rollout import RolloutWorker
 from .scripts import ScriptRunner, mapped_errors
 from .status import build_status
@@ -125,14 +125,19 @@ class ControlPlane:
         Every task is validated before anything is written."""
         if isinstance(tasks, (str, bytes, dict)):
             raise InvalidArgument("tasks must be a list of PromptTask or dicts")
-        checked = [task_from_input(t, self.run_id) for t in tasks]
-        encoded = [(t.task_id, "" if t.estimated_bytes is None else t.estimated_bytes, encode_task(t))
-                   for t in checked]
+        items = list(tasks)
+        checked = [task_from_input(t, self.run_id) for t in items]
+        # An id generated here (96 random bits) cannot be done already: the script skips
+        # its tasks_done lookup.
+        encoded = [(t.task_id, "" if t.estimated_bytes is None else t.estimated_bytes,
+                    "1" if not isinstance(item, PromptTask) and item.get("task_id") is None else "",
+                    encode_task(t))
+                   for item, t in zip(items, checked)]
         if len(encoded) > INGEST_CHUNK:
             # Several script calls: check every size first, so a record that is too
             # large cannot leave the chunks before it already written.
             limit = self.settings().max_record_bytes or DEFAULT_MAX_RECORD_BYTES
-            for task_id, _, record in encoded:
+            for task_id, _, _, record in encoded:
                 size = len(record.encode())
                 if size > limit:
                     raise RecordTooLarge(

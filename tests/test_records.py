@@ -225,3 +225,16 @@ def test_invalid_unicode_in_any_string_field_is_a_clear_error(cp, worker_with_ta
                                                                         feature_store_uri="mem://\ud800")]))
     assert_refused(cp, InvalidArgument, "not valid Unicode",
                    lambda: worker_with_task.fail(["t0"], "reason \ud800", retryable=True))
+
+
+def test_integers_beyond_64_bits_are_refused_clearly(cp, worker_with_task):
+    # Records are JSON read by other processes and languages: an integer must fit in 64 bits.
+    assert_refused(cp, InvalidArgument, "64 bits",
+                   lambda: cp.ingest_prompts([{"task_id": "t6", "metadata": {"seed": 2**70}}]))
+    assert_refused(cp, InvalidArgument, "64 bits",
+                   lambda: worker_with_task.commit([dataclasses.replace(make_ref(cp, "s0", "t0"),
+                                                                        metadata={"n": -(2**64)})]))
+    # At the edges of the 64-bit range a value round-trips exactly.
+    assert cp.ingest_prompts([{"task_id": "t7", "metadata": {"lo": -(2**63), "hi": 2**64 - 1}}]) == ["t7"]
+    leased = cp.rollout_worker("w-edges").lease(10)
+    assert [t.metadata for t in leased if t.task_id == "t7"] == [{"lo": -(2**63), "hi": 2**64 - 1}]

@@ -17,20 +17,26 @@
 
 local IDSET_LOAD = 32
 
-local function idset_hash(id)
-  return tonumber(string.sub(redis.sha1hex(id), 1, 8), 16)
-end
+local sha1hex, sub, find, format = redis.sha1hex, string.sub, string.find, string.format
 
+-- The set's shape: members, level L, split pointer s (0, 0, 0 for a new set).
 local function idset_shape(key)
   local meta = redis.call('HMGET', key, 'n', 'l', 's')
   return tonumber(meta[1] or 0), tonumber(meta[2] or 0), tonumber(meta[3] or 0)
 end
 
-local function idset_field(h, level, split)
+-- The bucket field of each id, for a set of this shape.
+local function idset_fields(ids, level, split)
   local low = 2 ^ level
-  local bucket = h % low
-  if bucket < split then bucket = h % (2 * low) end
-  return 'b' .. string.format('%d', bucket)
+  local high = 2 * low
+  local fields = {}
+  for i = 1, #ids do
+    local h = tonumber(sub(sha1hex(ids[i]), 1, 8), 16)
+    local bucket = h % low
+    if bucket < split then bucket = h % high end
+    fields[i] = format('b%d', bucket)
+  end
+  return fields
 end
 
 -- Membership of each of ids[1..#ids]: a table of booleans in the same order.
@@ -42,12 +48,10 @@ local function idset_has(key, ids)
     for i = 1, n do out[i] = false end
     return out
   end
-  local fields = {}
-  for i = 1, n do fields[i] = idset_field(idset_hash(ids[i]), level, split) end
-  local buckets = get_many('HMGET', key, fields)
+  local buckets = get_many('HMGET', key, idset_fields(ids, level, split))
   for i = 1, n do
     local bucket = buckets[i]
-    out[i] = (bucket and string.find(bucket, '\n' .. ids[i] .. '\n', 1, true)) ~= nil
+    out[i] = bucket and find(bucket, '\n' .. ids[i] .. '\n', 1, true) ~= nil or false
   end
   return out
 end
@@ -55,11 +59,14 @@ end
 -- Move the members of bucket `split` that hash to split + 2^level into that new bucket.
 local function idset_split(key, level, split)
   local low = 2 ^ level
-  local from = 'b' .. string.format('%d', split)
-  local into = 'b' .. string.format('%d', split + low)
+  local from, into = format('b%d', split), format('b%d', split + low)
   local stay, move = {''}, {''}
   for id in string.gmatch(redis.call('HGET', key, from) or '', '[^\n]+') do
-    if idset_hash(id) % (2 * low) == split then stay[#stay + 1] = id else move[#move + 1] = id end
+    if tonumber(sub(sha1hex(id), 1, 8), 16) % (2 * low) == split then
+      stay[#stay + 1] = id
+    else
+      move[#move + 1] = id
+    end
   end
   if #stay > 1 then redis.call('HSET', key, from, table.concat(stay, '\n') .. '\n')
   else redis.call('HDEL', key, from) end
@@ -71,49 +78,52 @@ end
 local function idset_add(key, ids)
   if #ids == 0 then return 0 end
   local members, level, split = idset_shape(key)
-  local order, groups, seen = {}, {}, {}
-  for _, id in ipairs(ids) do
-    if not seen[id] then
-      seen[id] = true
-      local field = idset_field(idset_hash(id), level, split)
-      local group = groups[field]
-      if not group then
-        group = {}
-        groups[field] = group
-        order[#order + 1] = field
-      end
-      group[#group + 1] = id
+  local fields = idset_fields(ids, level, split)
+  local order, groups = {}, {}
+  for i = 1, #ids do
+    local field = fields[i]
+    local group = groups[field]
+    if not group then
+      group = {}
+      groups[field] = group
+      order[#order + 1] = field
     end
+    group[#group + 1] = ids[i]
   end
   local current = get_many('HMGET', key, order)
   local writes, added = {}, 0
-  for j, field in ipairs(order) do
-    local bucket = current[j] or '\n'
-    local parts = {bucket}
-    for _, id in ipairs(groups[field]) do
-      if not string.find(bucket, '\n' .. id .. '\n', 1, true) then
-        parts[#parts + 1] = id .. '\n'
+  for j = 1, #order do
+    local bucket, grew = current[j] or '\n', false
+    for _, id in ipairs(groups[order[j]]) do
+      local entry = id .. '\n'
+      -- Searching the bucket as it grows in this call also skips a repeat within the call.
+      if not find(bucket, '\n' .. entry, 1, true) then
+        bucket = bucket .. entry
+        grew = true
         added = added + 1
       end
     end
-    if #parts > 1 then
-      writes[#writes + 1] = field
-      writes[#writes + 1] = table.concat(parts)
+    if grew then
+      writes[#writes + 1] = order[j]
+      writes[#writes + 1] = bucket
     end
   end
   if added == 0 then return 0 end
-  call_many('HSET', key, writes)
   members = members + added
+  writes[#writes + 1] = 'n'
+  writes[#writes + 1] = format('%d', members)
+  call_many('HSET', key, writes)
+  local grown = false
   while members > IDSET_LOAD * (2 ^ level + split) do
     idset_split(key, level, split)
+    grown = true
     split = split + 1
     if split == 2 ^ level then
       level = level + 1
       split = 0
     end
   end
-  redis.call('HSET', key, 'n', string.format('%d', members), 'l', string.format('%d', level),
-    's', string.format('%d', split))
+  if grown then redis.call('HSET', key, 'l', format('%d', level), 's', format('%d', split)) end
   return added
 end
 
@@ -121,12 +131,12 @@ end
 local function idset_remove(key, id)
   local members, level, split = idset_shape(key)
   if members == 0 then return 0 end
-  local field = idset_field(idset_hash(id), level, split)
+  local field = idset_fields({id}, level, split)[1]
   local bucket = redis.call('HGET', key, field)
-  local at = bucket and string.find(bucket, '\n' .. id .. '\n', 1, true)
+  local at = bucket and find(bucket, '\n' .. id .. '\n', 1, true)
   if not at then return 0 end
-  bucket = string.sub(bucket, 1, at) .. string.sub(bucket, at + #id + 2)
+  bucket = sub(bucket, 1, at) .. sub(bucket, at + #id + 2)
   if bucket == '\n' then redis.call('HDEL', key, field) else redis.call('HSET', key, field, bucket) end
-  redis.call('HSET', key, 'n', string.format('%d', members - 1))
+  redis.call('HSET', key, 'n', format('%d', members - 1))
   return 1
 end
