@@ -368,3 +368,33 @@ def test_unreachable_redis_gives_up_with_a_clear_error():
         cp.redis.close()
     finally:
         server.stop()
+
+
+def test_scripts_carry_only_the_helpers_they_use():
+    from dataflow_redis.scripts import shake_includes
+    includes = ["local A = 1\nlocal function f()\n  return A\nend\n-- g is next\nlocal function g()\n  return 2\nend\n",
+                "local function h()\n  return f()\nend\nlocal x, y = 1, 2\n"]
+    kept = shake_includes(includes, "return h() -- not g\n")
+    assert "local function h()" in kept and "local function f()" in kept and "local A = 1" in kept
+    assert "local function g()" not in kept and "local x, y" not in kept
+    assert kept.index("local A") < kept.index("local function f") < kept.index("local function h")
+    scripts = load_scripts()
+    # status needs no lease helpers; the prompt lease needs the latch and the grant.
+    assert "local function grant_leases" not in scripts["status"].source
+    assert "local function grant_leases" in scripts["lease_prompts"].source
+    assert "local function evaluate_latch" in scripts["lease_prompts"].source
+    assert "local function idset_split" not in scripts["lease_prompts"].source
+
+
+def test_a_large_grant_leaves_no_placeholder_and_hash_table_encodings(cp):
+    cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(40)])
+    worker = cp.rollout_worker("w-enc")
+    assert len(worker.lease(32)) == 32
+    r, k = cp.redis, cp.keys
+    assert r.object("encoding", k.prompt_leases) == "hashtable"
+    assert r.object("encoding", k.prompt_deadlines) == "skiplist"
+    assert r.hlen(k.prompt_leases) == 32 and r.zcard(k.prompt_deadlines) == 32
+    assert not r.hexists(k.prompt_leases, "~")
+    assert all(not m.startswith("~") for m in r.zrange(k.prompt_deadlines, 0, -1))
+    assert len(worker.lease(4)) == 4  # small grants take the plain path
+    assert r.hlen(k.prompt_leases) == 36 and r.zcard(k.prompt_deadlines) == 36

@@ -15,7 +15,11 @@
 -- Ids never contain "\n" (ids are printable ASCII without spaces, keys.py), so
 -- "\n<id>\n" matches exactly one member. dataflow_redis/idset.py reads the layout.
 
-local IDSET_LOAD = 32
+-- Small buckets: every string entering Lua (a bucket read, a bucket grown by one id)
+-- is hashed byte by byte, so bucket size is paid on every lookup; 8 ids per bucket
+-- cost about 5 bytes of bucket overhead per id (callgrind and MEMORY USAGE, see
+-- docs/benchmarks.md).
+local IDSET_LOAD = 8
 
 local sha1hex, sub, find, format = redis.sha1hex, string.sub, string.find, string.format
 
@@ -76,39 +80,40 @@ end
 -- Add ids[1..#ids] (members already present, and repeats within the call, are
 -- skipped). Returns how many were added.
 local function idset_add(key, ids)
-  if #ids == 0 then return 0 end
+  local n = #ids
+  if n == 0 then return 0 end
   local members, level, split = idset_shape(key)
   local fields = idset_fields(ids, level, split)
-  local order, groups = {}, {}
-  for i = 1, #ids do
+  local distinct, content = {}, {}
+  for i = 1, n do
     local field = fields[i]
-    local group = groups[field]
-    if not group then
-      group = {}
-      groups[field] = group
-      order[#order + 1] = field
+    if not content[field] then
+      content[field] = true
+      distinct[#distinct + 1] = field
     end
-    group[#group + 1] = ids[i]
   end
-  local current = get_many('HMGET', key, order)
-  local writes, added = {}, 0
-  for j = 1, #order do
-    local bucket, grew = current[j] or '\n', false
-    for _, id in ipairs(groups[order[j]]) do
-      local entry = id .. '\n'
-      -- Searching the bucket as it grows in this call also skips a repeat within the call.
-      if not find(bucket, '\n' .. entry, 1, true) then
-        bucket = bucket .. entry
-        grew = true
-        added = added + 1
-      end
-    end
-    if grew then
-      writes[#writes + 1] = order[j]
-      writes[#writes + 1] = bucket
+  local current = get_many('HMGET', key, distinct)
+  for j = 1, #distinct do content[distinct[j]] = current[j] or '\n' end
+  local changed, added = {}, 0
+  for i = 1, n do
+    local field, entry = fields[i], ids[i] .. '\n'
+    local bucket = content[field]
+    -- Searching the bucket as it grows in this call also skips a repeat within the call.
+    if not find(bucket, '\n' .. entry, 1, true) then
+      content[field] = bucket .. entry
+      changed[field] = true
+      added = added + 1
     end
   end
   if added == 0 then return 0 end
+  local writes = {}
+  for j = 1, #distinct do
+    local field = distinct[j]
+    if changed[field] then
+      writes[#writes + 1] = field
+      writes[#writes + 1] = content[field]
+    end
+  end
   members = members + added
   writes[#writes + 1] = 'n'
   writes[#writes + 1] = format('%d', members)
