@@ -193,3 +193,14 @@ def test_a_retryable_fail_wakes_a_waiting_trainer(cp, server):
     finally:
         waiter.stdin.close()
         waiter.wait(timeout=30)
+
+
+def test_wake_up_tokens_stay_capped_while_nobody_waits(cp):
+    # Commits with no trainer around push tokens; they stop at 256, however many commits.
+    worker = cp.rollout_worker("w-cap")
+    cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(300)])
+    for start in range(0, 300, 30):
+        tasks = worker.lease(30)
+        worker.commit([make_ref(cp, f"s-{t.task_id}", t.task_id) for t in tasks])
+        assert cp.redis.llen(cp.keys.train_signal) == min(256, start + 30)
+    assert cp.status()["queue_depth"] == 300

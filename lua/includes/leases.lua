@@ -109,8 +109,9 @@ local function wake_trainers(count)
   if count <= 0 then return end
   local tokens = {}
   for i = 1, math.min(count, 64) do tokens[i] = '1' end
-  redis.call('LPUSH', K.train_signal, unpack(tokens))
-  redis.call('LTRIM', K.train_signal, 0, WAKE_TOKENS_MAX - 1)
+  if redis.call('LPUSH', K.train_signal, unpack(tokens)) > WAKE_TOKENS_MAX then
+    redis.call('LTRIM', K.train_signal, 0, WAKE_TOKENS_MAX - 1)
+  end
 end
 
 -- Expired train leases go back to the head of the train queue. At most `limit`.
