@@ -9,7 +9,9 @@ commands) for:
 * each single-item operation of ``dataflow-redis bench`` (backpressure configured,
   as there), per call, next to a no-op EVALSHA and the floor of a lease;
 * each step of the batched cycle (64 items per call), per task, with the lease keys
-  emptied between batches as a single worker leaves them.
+  emptied between batches as a single worker leaves them;
+* single commands and Lua operations inside a script (keys passed, a read, a write,
+  TIME, creating a key with an expiry, number-to-text, SHA1).
 
 Timings on a shared 2-core VM move by 20 % between runs; instruction counts move by
 well under 1 %, so they show what a change to a script does. docs/benchmarks.md quotes
@@ -130,6 +132,42 @@ def batched_cycle(cg: Callgrind) -> None:
     print(f"  {'total':16}{sum(per_task.values()):10,.0f}")
 
 
+SNIPPETS = (
+    # (what, script body, keys): each runs CALLS times; the figure is over "return 1".
+    ("16 keys passed (12 more)", "return 1", 16),
+    ("HGET", "redis.call('HGET', KEYS[1], 'f') return 1", 0),
+    ("HSET of an existing field", "redis.call('HSET', KEYS[1], 'f', 'v') return 1", 0),
+    ("HINCRBY", "redis.call('HINCRBY', KEYS[2], 'f', 1) return 1", 0),
+    ("TIME", "redis.call('TIME') return 1", 0),
+    ("SET ... PX of a new key", "redis.call('SET', KEYS[3] .. redis.call('INCR', KEYS[4]), 'x', 'PX', '30000') "
+     "return 1", 0),
+    ("  (its INCR alone)", "redis.call('INCR', KEYS[4]) return 1", 0),
+    ("a number turned into text", "local x = 1234567890123 .. '' return 1", 0),
+    ("string.format('%d')", "local x = string.format('%d', 123456789) return 1", 0),
+    ("redis.sha1hex of 18 bytes", "local x = redis.sha1hex('abcdefghijklmnop:0') return 1", 0),
+)
+
+
+def snippets(cg: Callgrind) -> None:
+    import redis
+    client = redis.Redis.from_url(cg.url)
+    keys = [f"instr:{{snip}}:k{i}" for i in range(16)]
+    client.hset(keys[0], "f", "v")
+
+    def per_call(body: str, nkeys: int) -> float:
+        sha = client.script_load(body)
+        names = keys if nkeys else keys[:4]
+        client.evalsha(sha, len(names), *names)
+        return cg.count(lambda: [client.evalsha(sha, len(names), *names) for _ in range(CALLS)]) / CALLS
+
+    base = per_call("return 1", 0)
+    print(f"inside a script, instructions each (EVALSHA with 4 keys and 'return 1': {base:,.0f})")
+    for what, body, nkeys in SNIPPETS:
+        print(f"  {what:28}{per_call(body, nkeys) - base:10,.0f}")
+    client.delete(*keys)
+    client.close()
+
+
 def main() -> None:
     for tool in ("valgrind", "callgrind_control", "redis-server"):
         if not shutil.which(tool):
@@ -138,6 +176,7 @@ def main() -> None:
     try:
         single_items(cg)
         batched_cycle(cg)
+        snippets(cg)
     finally:
         cg.stop()
 
