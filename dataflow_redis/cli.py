@@ -656,6 +656,17 @@ def reclaim(target: Target) -> None:
 
 
 @main.command()
+@click.option("--batch", type=click.IntRange(1, 10_000), default=1000, show_default=True,
+              help="Ids moved per script call (each call blocks Redis for about 20 ms per 1,000).")
+@pass_target
+def migrate(target: Target, batch: int) -> None:
+    """Convert a run made by dataflow-redis 0.1.0 (dedup markers as Redis sets) to this
+    version's packed id sets. Safe to interrupt and to run again."""
+    n = target.control_plane().migrate(batch=batch)
+    click.echo(f"moved {n} dedup marker(s) into packed id sets")
+
+
+@main.command()
 @pass_target
 def metrics(target: Target) -> None:
     """The status snapshot in Prometheus text exposition format."""

@@ -184,6 +184,19 @@ class ControlPlane:
             if prompts < batch and samples < batch:
                 return total
 
+    def migrate(self, batch: int = 1000) -> int:
+        """Convert a run made by dataflow-redis 0.1.0, whose dedup markers (tasks_done,
+        acked) are Redis sets, to packed id sets, ``batch`` ids per script call. Until
+        it is done the run's operations fail with ScriptError naming this method.
+        Idempotent and safe to interrupt: call again to finish. Returns ids moved."""
+        _args.count(batch, "batch")
+        total = 0
+        while True:
+            moved, remaining = self._run("migrate_dedup_sets", [batch])
+            total += moved
+            if remaining == 0:
+                return total
+
     def requeue_undurable(self, after_step: Optional[int] = None, batch: int = 1000) -> int:
         """Recovery: samples acked by non-durable acks at a step above ``after_step``
         (default: the recorded durable_global_step) go back to the train queue, and the

@@ -59,6 +59,11 @@ def from_script_error(message: str) -> DataflowError:
     if text.startswith("ERR "):
         text = text[4:]
     code, _, rest = text.partition(" ")
+    if code == "WRONGTYPE":
+        return ScriptError(
+            "a key of this run holds another type than this version keeps there; a run made by "
+            "dataflow-redis 0.1.0 keeps its dedup markers as Redis sets: convert it once with "
+            "`dataflow-redis --run <run> migrate` (or ControlPlane.migrate())")
     cls = _BY_CODE.get(code)
     if cls is None:
         return ScriptError(f"unexpected error from Redis script: {message}")

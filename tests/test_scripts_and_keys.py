@@ -387,14 +387,17 @@ def test_scripts_carry_only_the_helpers_they_use():
 
 
 def test_a_large_grant_leaves_no_placeholder_and_hash_table_encodings(cp):
-    cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(40)])
+    # Ids that look like the placeholders are ordinary ids.
+    cp.ingest_prompts([{"task_id": "~"}, {"task_id": "~" * 129}] + [{"task_id": f"t{i}"} for i in range(38)])
     worker = cp.rollout_worker("w-enc")
-    assert len(worker.lease(32)) == 32
+    granted = worker.lease(32)
+    assert len(granted) == 32 and {"~", "~" * 129} <= {t.task_id for t in granted}
     r, k = cp.redis, cp.keys
     assert r.object("encoding", k.prompt_leases) == "hashtable"
     assert r.object("encoding", k.prompt_deadlines) == "skiplist"
     assert r.hlen(k.prompt_leases) == 32 and r.zcard(k.prompt_deadlines) == 32
-    assert not r.hexists(k.prompt_leases, "~")
-    assert all(not m.startswith("~") for m in r.zrange(k.prompt_deadlines, 0, -1))
+    assert r.hexists(k.prompt_leases, "~") and r.zscore(k.prompt_deadlines, "~" * 129) is not None
+    assert not r.hexists(k.prompt_leases, " ")
+    assert all(" " not in m for m in r.zrange(k.prompt_deadlines, 0, -1))
     assert len(worker.lease(4)) == 4  # small grants take the plain path
     assert r.hlen(k.prompt_leases) == 36 and r.zcard(k.prompt_deadlines) == 36

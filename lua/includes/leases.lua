@@ -9,10 +9,11 @@
 local WAKE_TOKENS_MAX = 256
 
 -- Grants of at least this many leases switch the lease hash and deadline set out of the
--- listpack encoding (see grant_leases); ENCODING_SWITCH is longer than any listpack
--- entry under the default hash-max-listpack-value / zset-max-listpack-value (64).
+-- listpack encoding (see grant_leases). ENCODING_SWITCH is longer than any listpack
+-- entry under the default hash-max-listpack-value / zset-max-listpack-value (64) and,
+-- holding a space, is never an id (keys.py); so is the placeholder field ' '.
 local ENCODING_SWITCH_BATCH = 16
-local ENCODING_SWITCH = string.rep('~', 129)
+local ENCODING_SWITCH = ' ' .. string.rep('~', 128)
 
 -- Record leases on ids[1..n] for `holder`: consecutive fresh fencing tokens from
 -- counters.fence, "token|bytes|granted_ms|holder" in `leases` (bytes[i], or 0 when
@@ -40,14 +41,14 @@ local function grant_leases(leases, deadlines, ids, n, bytes, holder, now, now_t
     -- hash table / skiplist before the inserts; it is removed again in this call and
     -- the key keeps its new encoding.
     table.insert(lease_pairs, 1, ENCODING_SWITCH)
-    table.insert(lease_pairs, 1, '~')
+    table.insert(lease_pairs, 1, ' ')
     table.insert(deadline_pairs, 1, ENCODING_SWITCH)
     table.insert(deadline_pairs, 1, '0')
   end
   call_many('HSET', leases, lease_pairs)
   call_many('ZADD', deadlines, deadline_pairs)
   if n >= ENCODING_SWITCH_BATCH then
-    redis.call('HDEL', leases, '~')
+    redis.call('HDEL', leases, ' ')
     redis.call('ZREM', deadlines, ENCODING_SWITCH)
   end
   return first, tokens

@@ -1,0 +1,76 @@
+"""Runs made by dataflow-redis 0.1.0 kept their dedup markers (tasks_done, acked) as
+Redis sets. Such a run fails with a clear error until `migrate` converts it, which it
+does in bounded chunks, safely interrupted and repeated."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+
+from conftest import make_ref
+from dataflow_redis import ScriptError, idset
+from dataflow_redis.cli import main
+
+
+def old_layout_run(cp, tasks=60):
+    """A run with `tasks` done tasks and acked samples, its markers turned into sets."""
+    ids = cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(tasks)])
+    worker, trainer = cp.rollout_worker("w-old"), cp.trainer("tr-old")
+    for start in range(0, tasks, 25):
+        leased = worker.lease(25)
+        worker.commit([make_ref(cp, f"s-{t.task_id}", t.task_id) for t in leased])
+        trainer.ack([r.sample_id for r in trainer.lease(25)], global_step=start, optimizer_durable=True)
+    r, k = cp.redis, cp.keys
+    markers = {}
+    for key in (k.tasks_done, k.acked):
+        markers[key] = idset.members(r, key)
+        r.delete(key)
+        r.sadd(key, *markers[key])
+    assert markers[k.tasks_done] == set(ids) and len(markers[k.acked]) == tasks
+    return markers
+
+
+def test_an_old_run_fails_clearly_until_migrated_then_dedups_as_before(cp):
+    markers = old_layout_run(cp)
+    r, k = cp.redis, cp.keys
+    try:
+        cp.ingest_prompts([{"task_id": "t0"}])
+        raise AssertionError("an old-layout run accepted a call")
+    except ScriptError as exc:
+        assert "migrate" in str(exc) and "WRONGTYPE" not in str(exc)
+    assert cp.migrate(batch=7) == len(markers[k.tasks_done]) + len(markers[k.acked])
+    for key, members in markers.items():
+        assert r.type(key) == "hash" and idset.members(r, key) == members
+    assert not r.exists(k.dedup_migrating)
+    # Dedup from the converted markers: a done task and an acked sample come back as nothing.
+    assert cp.ingest_prompts([{"task_id": "t0"}, {"task_id": "fresh"}]) == ["fresh"]
+    assert cp.enqueue_offline_refs([make_ref(cp, "s-t5"), make_ref(cp, "s-new")]) == ["s-new"]
+    assert cp.migrate() == 0  # nothing left to do
+
+
+def test_an_interrupted_migration_loses_nothing_and_finishes_later(cp):
+    markers = old_layout_run(cp, tasks=40)
+    r, k = cp.redis, cp.keys
+    runner = cp._run
+    moved, remaining = runner("migrate_dedup_sets", [15])
+    assert (moved, remaining) == (15, 25)
+    # Half converted: every id is in exactly one of the old set and the set being built.
+    old, building = set(r.smembers(k.tasks_done)), idset.members(r, k.dedup_migrating)
+    assert not old & building and old | building == markers[k.tasks_done]
+    try:
+        cp.ingest_prompts([{"task_id": "t1"}])
+        raise AssertionError("a half-migrated run accepted a call")
+    except ScriptError as exc:
+        assert "migrate" in str(exc)
+    # The CLI finishes it.
+    result = CliRunner().invoke(main, ["--redis-url", redis_url_of(cp), "--run", cp.run_id,
+                                       "migrate", "--batch", "9"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == "moved 65 dedup marker(s) into packed id sets"
+    for key, members in markers.items():
+        assert idset.members(r, key) == members
+    assert cp.ingest_prompts([{"task_id": "t1"}]) == []
+
+
+def redis_url_of(cp):
+    kwargs = cp.redis.connection_pool.connection_kwargs
+    return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
