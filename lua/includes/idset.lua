@@ -1,6 +1,9 @@
 -- includes/idset.lua: exact sets of ids packed into the values of one hash. The dedup
 -- markers kept for every done task and acked sample (tasks_done, acked) live here:
--- about len(id) + 2 bytes per id, where a Redis set member costs about 60 + len(id).
+-- about len(id) + 9 bytes per id (the id, its newline, a share of its bucket), where a
+-- Redis set member costs about 60 + len(id). The price is CPU: a SHA1 per id looked up
+-- or added (and per id a split moves), and Lua strings the size of a bucket; about
+-- 50,000 instructions per id added (docs/benchmarks.md).
 --
 -- Layout (linear hashing, so buckets stay small however large the set grows):
 --   field "n"             members
