@@ -9,11 +9,8 @@
 local WAKE_TOKENS_MAX = 256
 
 -- Grants of at least this many leases switch the lease hash and deadline set out of the
--- listpack encoding (see grant_leases). ENCODING_SWITCH is longer than any listpack
--- entry under the default hash-max-listpack-value / zset-max-listpack-value (64) and,
--- holding a space, is never an id (keys.py); so is the placeholder field ' '.
+-- listpack encoding (see grant_leases).
 local ENCODING_SWITCH_BATCH = 16
-local ENCODING_SWITCH = ' ' .. string.rep('~', 128)
 
 -- Record leases on ids[1..n] for `holder`: consecutive fresh fencing tokens from
 -- counters.fence, "token|bytes|granted_ms|holder" in `leases` (bytes[i], or 0 when
@@ -33,23 +30,25 @@ local function grant_leases(leases, deadlines, ids, n, bytes, holder, now, now_t
     tokens[2 * i - 1] = id
     tokens[2 * i] = token_text
   end
-  if n >= ENCODING_SWITCH_BATCH then
+  local switch = n >= ENCODING_SWITCH_BATCH and (' ' .. string.rep('~', 128))
+  if switch then
     -- Redis keeps a hash or sorted set of up to 128 short entries as a listpack, where
     -- every insert and every later delete scans the whole listpack: granting 64 leases
     -- into an empty lease hash cost about 40,000 instructions a lease (callgrind). A
-    -- placeholder longer than any listpack entry may be makes Redis switch the key to a
-    -- hash table / skiplist before the inserts; it is removed again in this call and
-    -- the key keeps its new encoding.
-    table.insert(lease_pairs, 1, ENCODING_SWITCH)
+    -- placeholder of 129 bytes (over hash-max-listpack-value / zset-max-listpack-value,
+    -- 64 by default) makes Redis switch the key to a hash table / skiplist before the
+    -- inserts; it goes again in this call and the key keeps its new encoding. The
+    -- placeholder and its field ' ' hold a space, so they are never an id (keys.py).
+    table.insert(lease_pairs, 1, switch)
     table.insert(lease_pairs, 1, ' ')
-    table.insert(deadline_pairs, 1, ENCODING_SWITCH)
+    table.insert(deadline_pairs, 1, switch)
     table.insert(deadline_pairs, 1, '0')
   end
   call_many('HSET', leases, lease_pairs)
   call_many('ZADD', deadlines, deadline_pairs)
-  if n >= ENCODING_SWITCH_BATCH then
+  if switch then
     redis.call('HDEL', leases, ' ')
-    redis.call('ZREM', deadlines, ENCODING_SWITCH)
+    redis.call('ZREM', deadlines, switch)
   end
   return first, tokens
 end
