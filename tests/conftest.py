@@ -69,14 +69,20 @@ def fake_cp():
 
 def _give_fake_lua_sha1hex(client) -> None:
     """fakeredis's Lua has no redis.sha1hex (the packed id sets hash ids with it): add
-    Python's, which gives the same digest as Redis's."""
-    client.eval("return 1", 0)  # creates the server's Lua runtime
+    Python's, which gives the same digest as Redis's. If a fakeredis release has it, it
+    is used as is; if its internals moved, the fast tier is skipped (the real-server
+    tests are the proof)."""
+    if client.eval("return type(redis.sha1hex)", 0) == "function":
+        return
     connection = client.connection_pool.get_connection()
     try:
         runtime = connection._server._lua_runtime
+        runtime.globals().redis.sha1hex = lambda data: hashlib.sha1(data).hexdigest().encode()
+    except AttributeError:
+        pytest.skip("this fakeredis release has no redis.sha1hex in Lua and no known way to add it")
     finally:
         client.connection_pool.release(connection)
-    runtime.globals().redis.sha1hex = lambda data: hashlib.sha1(data).hexdigest().encode()
+    assert client.eval("return redis.sha1hex('abc')", 0) == hashlib.sha1(b"abc").hexdigest()
 
 
 def make_ref(cp, sample_id, task_id=None, nbytes=1024, **kwargs):
