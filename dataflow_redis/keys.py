@@ -26,7 +26,7 @@ themselves: the clients pass every key in ``KEYS``.
 | train_deadlines | zset   | sample_id scored by lease deadline (ms)                       |
 | trainers        | zset   | trainer_id scored by last contact (ms)                        |
 | train_signal    | list   | wake-up tokens for trainers blocked in ``lease(timeout_s=)``  |
-| acked           | hash   | packed id set (idset.py): acked samples, ~len(id) + 4 bytes   |
+| acked           | hash   | packed id set (idset.py): acked samples, ~len(id) + 9 bytes   |
 | undurable       | zset   | acked sample ids scored by global_step, until a durable ack   |
 | failed_samples  | hash   | sample_id -> reason, for terminally failed samples            |
 | durable         | hash   | the durable ack marker: global_step, durable_global_step, ... |
