@@ -285,29 +285,28 @@ class _Client:
         begin, cpu, stop = _timed_window(start_at, seconds)
         moved = 0
         pipe = r.pipeline(transaction=False)
+
+        def take(queue: str, processing: str) -> list:
+            """Up to ``batch`` items moved from ``queue`` to ``processing`` (one round trip)."""
+            if batch == 1:
+                moved_items = [r.lmove(queue, processing, "RIGHT", "LEFT")]
+            else:
+                for _ in range(batch):
+                    pipe.lmove(queue, processing, "RIGHT", "LEFT")
+                moved_items = pipe.execute()
+            return [item for item in moved_items if item is not None]
+
         while time.perf_counter() < stop:
             r.lpush(hop1, *[orjson.dumps({"task_id": uuid.uuid4().hex, "payload": PAYLOAD})
                             for _ in range(batch)])
-            if batch == 1:
-                tasks = [r.lmove(hop1, work1, "RIGHT", "LEFT")]
-            else:
-                for _ in range(batch):
-                    pipe.lmove(hop1, work1, "RIGHT", "LEFT")
-                tasks = pipe.execute()
-            tasks = [t for t in tasks if t is not None]
+            tasks = take(hop1, work1)
             if tasks:
                 # Hand each result to the second hop and drop the task from processing.
                 for task in tasks:
                     pipe.lpush(hop2, ref_json)
                     pipe.lrem(work1, 1, task)
                 pipe.execute()
-            if batch == 1:
-                refs = [r.lmove(hop2, work2, "RIGHT", "LEFT")]
-            else:
-                for _ in range(batch):
-                    pipe.lmove(hop2, work2, "RIGHT", "LEFT")
-                refs = pipe.execute()
-            refs = [x for x in refs if x is not None]
+            refs = take(hop2, work2)
             if len(refs) == 1:
                 r.lrem(work2, 1, refs[0])
             elif refs:

@@ -118,26 +118,36 @@ def rollout_worker(params: dict, go=None) -> None:
             _sleep_ms(rng, params.get("idle_ms", 5))
             continue
         _sleep_ms(rng, params.get("delay_ms", 0))
-        retry, terminal, commit = [], [], []
-        for task_id in work:
-            roll = rng.random()
-            if roll < params.get("p_retry", 0):
-                retry.append(task_id)
-            elif roll < params.get("p_retry", 0) + params.get("p_terminal", 0):
-                terminal.append(task_id)
-            elif roll < params.get("p_retry", 0) + params.get("p_terminal", 0) + params.get("p_keep", 0):
-                kept.append(task_id)
-            else:
-                commit.append(task_id)
-        if retry:
-            log.write(op="fail", retryable=True, sent=retry, affected=w.fail(retry, "flaky rollout", True))
-        if terminal:
-            log.write(op="fail", retryable=False, sent=terminal,
-                      affected=w.fail(terminal, "prompt cannot be rendered", False))
+        retry, terminal, kept, commit = _sort_by_roll(rng, work, params, ("p_retry", "p_terminal", "p_keep"))
+        _fail_and_log(log, w, retry, terminal, "flaky rollout", "prompt cannot be rendered")
         if commit:
             fresh = w.commit([sample_ref(cp.run_id, t, params.get("ref_bytes", 1024)) for t in commit])
             log.write(op="commit", sent=commit, fresh=fresh, at=time.time())
     log.write(op="exit")
+
+
+def _sort_by_roll(rng: random.Random, ids: list, params: dict, odds: tuple) -> list[list]:
+    """One roll per id: the id goes to the first outcome whose cumulative probability
+    (params[name] for each name in ``odds``) exceeds the roll, else to the last list."""
+    out: list[list] = [[] for _ in range(len(odds) + 1)]
+    for item_id in ids:
+        roll, bound = rng.random(), 0.0
+        for i, name in enumerate(odds):
+            bound += params.get(name, 0)
+            if roll < bound:
+                out[i].append(item_id)
+                break
+        else:
+            out[-1].append(item_id)
+    return out
+
+
+def _fail_and_log(log: "Log", holder, retry: list, terminal: list, retry_reason: str, terminal_reason: str) -> None:
+    """Fail ``retry`` retryably and ``terminal`` for good, logging what each call affected."""
+    if retry:
+        log.write(op="fail", retryable=True, sent=retry, affected=holder.fail(retry, retry_reason, True))
+    if terminal:
+        log.write(op="fail", retryable=False, sent=terminal, affected=holder.fail(terminal, terminal_reason, False))
 
 
 def trainer(params: dict, go=None) -> None:
@@ -166,20 +176,8 @@ def trainer(params: dict, go=None) -> None:
                 break
             continue
         _sleep_ms(rng, params.get("delay_ms", 0))
-        retry, terminal, ack = [], [], []
-        for sample_id in ids:
-            roll = rng.random()
-            if roll < params.get("p_retry", 0):
-                retry.append(sample_id)
-            elif roll < params.get("p_retry", 0) + params.get("p_terminal", 0):
-                terminal.append(sample_id)
-            else:
-                ack.append(sample_id)
-        if retry:
-            log.write(op="fail", retryable=True, sent=retry, affected=t.fail(retry, "loader hiccup", True))
-        if terminal:
-            log.write(op="fail", retryable=False, sent=terminal,
-                      affected=t.fail(terminal, "feature missing in store", False))
+        retry, terminal, ack = _sort_by_roll(rng, ids, params, ("p_retry", "p_terminal"))
+        _fail_and_log(log, t, retry, terminal, "loader hiccup", "feature missing in store")
         if ack:
             if params.get("step_from_redis"):
                 step += 1
