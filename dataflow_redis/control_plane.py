@@ -270,25 +270,27 @@ class ControlPlane:
             raise InvalidArgument("kind must be 'prompt' or 'train'")
         _args.count(count, "count")
         leases_key = self.keys.prompt_leases if kind == "prompt" else self.keys.train_leases
-        deadlines_key = self.keys.prompt_deadlines if kind == "prompt" else self.keys.train_deadlines
-        rows = []
-        for item_id, value in self.redis.hscan_iter(leases_key, count=count):
-            token, nbytes, granted, holder = _args.text(value).split("|", 3)
-            rows.append({"id": _args.text(item_id), "holder": holder, "token": int(token),
-                         "granted_ms": int(granted), "reserved_bytes": int(nbytes)})
-            if len(rows) >= count:
+        ids: dict[str, None] = {}      # SCAN may return an id twice
+        for item_id, _ in self.redis.hscan_iter(leases_key, count=min(count, 1000)):
+            ids[_args.text(item_id)] = None
+            if len(ids) >= count:
                 break
-        if rows:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.zmscore(deadlines_key, [r["id"] for r in rows])
-            if kind == "prompt":
-                pipe.hmget(self.keys.task_attempts, [r["id"] for r in rows])
-            replies = pipe.execute()
-            for i, row in enumerate(rows):
-                deadline = replies[0][i]
-                row["deadline_ms"] = None if deadline is None else int(deadline)
+        ids = list(ids)
+        rows = []
+        for start in range(0, len(ids), 1000):
+            page = ids[start:start + 1000]
+            # One script reads row, deadline and attempt of each id at one moment.
+            flat = self._run("read_leases", [kind, *page])
+            for i, item_id in enumerate(page):
+                value, deadline, attempt = flat[3 * i:3 * i + 3]
+                if value is None:
+                    continue          # released since the scan
+                token, nbytes, granted, holder = _args.text(value).split("|", 3)
+                row = {"id": item_id, "holder": holder, "token": int(token), "granted_ms": int(granted),
+                       "reserved_bytes": int(nbytes), "deadline_ms": None if deadline is None else int(deadline)}
                 if kind == "prompt":
-                    row["attempt"] = int(replies[1][i] or 0)
+                    row["attempt"] = int(attempt or 0)
+                rows.append(row)
         return rows
 
     @mapped_errors

@@ -60,14 +60,15 @@ def _open(params: dict) -> ControlPlane:
 
 
 def _prompts_finished(cp: ControlPlane) -> bool:
-    pipe = cp.redis.pipeline(transaction=False)
+    # MULTI/EXEC: read apart, a reclaim between the reads could hide a task from both.
+    pipe = cp.redis.pipeline(transaction=True)
     pipe.llen(cp.keys.pending)
     pipe.hlen(cp.keys.prompt_leases)
     return sum(pipe.execute()) == 0
 
 
 def _all_finished(cp: ControlPlane) -> bool:
-    pipe = cp.redis.pipeline(transaction=False)
+    pipe = cp.redis.pipeline(transaction=True)
     for key in (cp.keys.pending, cp.keys.train_queue):
         pipe.llen(key)
     for key in (cp.keys.prompt_leases, cp.keys.train_leases):
@@ -208,7 +209,7 @@ def capacity_reporter(params: dict, go=None) -> None:
         go.wait(120)
     k = cp.keys
     while True:
-        pipe = cp.redis.pipeline(transaction=False)
+        pipe = cp.redis.pipeline(transaction=True)
         pipe.llen(k.train_queue)
         pipe.hlen(k.train_leases)
         pipe.hvals(k.worker_inflight)

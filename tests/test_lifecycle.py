@@ -313,3 +313,35 @@ def test_leases_listing_shows_holder_and_deadline(cp, kind):
     (row,) = cp.leases(kind)
     assert row["holder"] == ("w1" if kind == "prompt" else "tr1")
     assert row["deadline_ms"] > row["granted_ms"]
+
+
+@pytest.mark.parametrize("kind", ["prompt", "train"])
+def test_leases_listing_never_pairs_an_old_holder_with_a_new_deadline(cp, kind, monkeypatch):
+    """A lease re-granted while the listing runs shows its new holder with that holder's
+    token and deadline: the row is read whole, in one step, after the scan found the id."""
+    if kind == "prompt":
+        cp.ingest_prompts([{"task_id": "t0"}])
+        cp.rollout_worker(worker_id="old", lease_s=0.05).lease(1)
+    else:
+        cp.enqueue_offline_refs([make_ref(cp, "s0")])
+        cp.trainer(trainer_id="old", lease_s=0.05).lease(1)
+    (stale,) = cp.leases(kind)
+    wait_for_redis_time(cp.redis, stale["deadline_ms"])
+
+    scan = type(cp.redis).hscan_iter
+
+    def scan_then_regrant(self, *args, **kwargs):
+        for item in scan(self, *args, **kwargs):
+            yield item
+        # The old lease expires and goes to "new" after the scan, before the rows are read.
+        if kind == "prompt":
+            assert [t.task_id for t in cp.rollout_worker(worker_id="new", lease_s=30).lease(1)] == ["t0"]
+        else:
+            assert [r.sample_id for r in cp.trainer(trainer_id="new", lease_s=30).lease(1)] == ["s0"]
+
+    monkeypatch.setattr(type(cp.redis), "hscan_iter", scan_then_regrant)
+    (row,) = cp.leases(kind)
+    assert row["holder"] == "new" and row["token"] > stale["token"]
+    assert row["deadline_ms"] == row["granted_ms"] + 30_000
+    if kind == "prompt":
+        assert row["attempt"] == 1
