@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from dataflow_redis.bench import (
     ALL_OPS,
     CYCLE_STEPS,
+    FLOORS,
     PAYLOAD,
     SINGLE_ITEM_OPS,
     TARGETS,
@@ -67,6 +68,11 @@ def test_full_cycle_and_lmove_baseline_for_both_batch_sizes(result):
         assert b["ratio_to_lmove"] == pytest.approx(b["tasks_per_s"] / b["lmove_tasks_per_s"], rel=1e-2, abs=1e-3)
         assert positive(b["client_cpu_us_per_task"]) and positive(b["server_us_per_task"])
         assert positive(b["lmove_client_cpu_us_per_task"]) and positive(b["lmove_server_us_per_task"])
+        # The floor of the cycle ran beside them (bench_floors.py).
+        assert positive(b["floor_tasks_per_s"])
+        assert b["floor_ratio_to_lmove"] == pytest.approx(b["floor_tasks_per_s"] / b["lmove_tasks_per_s"],
+                                                          rel=1e-2, abs=1e-3)
+        assert positive(b["floor_client_cpu_us_per_task"]) and positive(b["floor_server_us_per_task"])
 
 
 def test_scaling_pairs_cover_every_cycle_step(result):
@@ -113,6 +119,19 @@ def test_every_target_is_checked(result):
     for t, level in zip(single, result["ops"]["levels"]):
         worst = min(level["ops"][op]["ratio_to_noop"] for op in SINGLE_ITEM_OPS)
         assert t["value"] == worst and t["ok"] == (worst >= TARGETS["single_item_vs_noop_min"])
+        # The lowest single-item floor bounds the target; out of reach only if it misses.
+        floor = min(FLOORS, key=lambda f: level["ops"][f]["ratio_to_noop"])
+        assert (t["floor"], t["floor_of"]) == (level["ops"][floor]["ratio_to_noop"], FLOORS[floor])
+        assert t["out_of_reach"] == (t["floor"] < TARGETS["single_item_vs_noop_min"])
+    batched = next(b for b in result["cycle"]["batches"] if b["batch"] == 64)
+    for name, floor, goal in (
+            ("batched full cycle tasks/s", batched["floor_tasks_per_s"], TARGETS["batched_cycle_tasks_per_s_min"]),
+            ("batched full cycle / LMOVE baseline", batched["floor_ratio_to_lmove"],
+             TARGETS["batched_cycle_vs_lmove_min"])):
+        [t] = [t for t in targets if t["target"] == name]
+        assert t["floor"] == floor and t["out_of_reach"] == (floor < goal)
+    # Targets without a floor make no claim about reach.
+    assert all("floor" not in t for t in targets if "scaling" in t["target"] or "bytes" in t["target"])
 
 
 def test_the_table_shows_every_section(result):

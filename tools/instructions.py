@@ -7,7 +7,7 @@ the instructions the server executes (event loop, parsing, the script and its
 commands) for:
 
 * each single-item operation of ``dataflow-redis bench`` (backpressure configured,
-  as there), per call, next to a no-op EVALSHA and the floor of a lease;
+  as there), per call, next to a no-op EVALSHA and the floors of a lease and a commit;
 * each step of the batched cycle (64 items per call), per task, with the lease keys
   emptied between batches as a single worker leaves them;
 * single commands and Lua operations inside a script (keys passed, a read, a write,
@@ -35,8 +35,8 @@ from dataflow_redis import BackpressureConfig  # noqa: E402
 from dataflow_redis.bench import PAYLOAD, _Client, make_ref  # noqa: E402
 from dataflow_redis.embedded import free_port  # noqa: E402
 
-SINGLE = ("noop", "floor_lease_1", "ingest", "lease_1", "commit", "train_lease", "ack", "capacity_report",
-          "status")
+SINGLE = ("noop", "floor_lease_1", "floor_commit_1", "ingest", "lease_1", "commit", "train_lease", "ack",
+          "capacity_report", "status")
 CALLS = 200
 BATCH, BATCHES = 64, 10
 
