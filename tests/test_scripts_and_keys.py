@@ -386,6 +386,17 @@ def test_scripts_carry_only_the_helpers_they_use():
     assert "local function idset_split" not in scripts["lease_prompts"].source
 
 
+def test_keys_are_bound_by_position_without_a_table_per_call():
+    from dataflow_redis.scripts import bind_keys
+    code = "redis.call('GET', K.config)\nlocal x = obj.K.config .. MK.pending\nreturn K.pending"
+    assert bind_keys(code, ["pending", "config"]) == (
+        "redis.call('GET', KEYS[2])\nlocal x = obj.K.config .. MK.pending\nreturn KEYS[1]")
+    # An undeclared name stays and reads nil from an empty K, as before.
+    assert bind_keys("return K.dlq", ["pending"]) == "local K = {}\nreturn K.dlq"
+    for script in load_scripts().values():
+        assert "local K = {" not in script.source and re.search(r"\bKEYS\[\d+\]", script.source)
+
+
 def test_a_large_grant_leaves_no_placeholder_and_hash_table_encodings(cp):
     # Ids that look like the placeholders are ordinary ids.
     cp.ingest_prompts([{"task_id": "~"}, {"task_id": "~" * 129}] + [{"task_id": f"t{i}"} for i in range(38)])
