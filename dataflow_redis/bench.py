@@ -911,7 +911,7 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
               cycle_rounds: int = 3) -> dict:
     """Run the benchmark and return the result dict (what ``--json`` prints).
 
-    ``quick`` shortens every measurement (about 20 s in all); explicit arguments
+    ``quick`` shortens every measurement (about 35 s in all); explicit arguments
     override either preset. Without ``redis_url`` a private redis-server is started
     (``server_binary``, else the one :func:`~dataflow_redis.embedded.find_redis_server`
     finds) and stopped at the end.
@@ -958,7 +958,7 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
               help="Benchmark this Redis instead of a private redis-server (writes and then deletes "
                    "runs under the 'dfrbench' namespace; memory figures assume no other traffic).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the tables.")
-@click.option("--quick", is_flag=True, help="Short measurements (about 20 s instead of about 3 minutes).")
+@click.option("--quick", is_flag=True, help="Short measurements (about 35 s instead of about 3 minutes).")
 @click.option("--sections", default=",".join(SECTIONS), show_default=True,
               help="Comma-separated subset of: " + ", ".join(SECTIONS) + ".")
 @click.option("--seconds", type=float, default=None,
