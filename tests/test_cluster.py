@@ -59,6 +59,8 @@ def test_full_lifecycle_on_cluster(cluster, run_id):
     trainer = cp.trainer("tr1")
     refs = trainer.lease(8, timeout_s=0.5)
     assert sorted(r.sample_id for r in refs) == ["s0", "s1", "s2"]
+    assert sorted((row["id"], row["holder"]) for row in cp.leases("train")) == [
+        ("s0", "tr1"), ("s1", "tr1"), ("s2", "tr1")]
     assert sorted(trainer.ack([r.sample_id for r in refs], global_step=1, optimizer_durable=True)) == ["s0", "s1", "s2"]
 
     status = cp.status()
