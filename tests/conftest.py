@@ -122,3 +122,31 @@ def dump_run(cp):
             value = kind
         out[key] = (kind, value)
     return out
+
+
+def cli_runner(**kwargs):
+    """A click ``CliRunner`` that behaves as click 8.2 does on every click the package
+    allows: ``stdout`` and ``stderr`` apart, ``output`` both. click 8.1 (the last for
+    Python 3.9) mixes stderr into ``stdout`` unless told not to, and then its ``output``
+    is stdout alone."""
+    from click.testing import CliRunner, Result
+
+    try:
+        runner = CliRunner(mix_stderr=False, **kwargs)
+    except TypeError:  # click >= 8.2: no such option, and nothing to do
+        return CliRunner(**kwargs)
+
+    class BothOutputs(Result):
+        @property
+        def output(self) -> str:
+            return self.stdout + self.stderr
+
+    invoke = runner.invoke
+
+    def invoke_keeping_both(*args, **kw):
+        result = invoke(*args, **kw)
+        result.__class__ = BothOutputs
+        return result
+
+    runner.invoke = invoke_keeping_both
+    return runner

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from conftest import make_ref
+from conftest import cli_runner, make_ref
 from dataflow_redis import AuthenticationFailed, BackpressureConfig, ControlPlane
 from dataflow_redis.embedded import RedisServer, free_port
 from dataflow_redis.scripts import load_scripts
@@ -130,7 +130,6 @@ def test_restricted_user_runs_lifecycle_backpressure_and_status(server):
 
 def test_restricted_user_runs_the_cli(server):
     from dataflow_redis import cli as cli_module
-    from click.testing import CliRunner
 
     run_id = f"acl-cli-{uuid.uuid4().hex[:8]}"
     cp = ControlPlane.from_url(url(server, "dataflow"), run_id)
@@ -138,7 +137,7 @@ def test_restricted_user_runs_the_cli(server):
     cp.ingest_prompts([{"task_id": "t0"}])
     cp.rollout_worker("w0").lease(1)
     env = {"DATAFLOW_REDIS_URL": url(server, "dataflow"), "DATAFLOW_RUN": run_id}
-    runner = CliRunner(env=env)
+    runner = cli_runner(env=env)
     for args in (["status"], ["status", "--json"], ["leases"], ["dlq", "list"], ["events"], ["runs"],
                  ["config", "show"], ["metrics"], ["pause", "--reason", "acl"], ["resume"], ["reclaim"]):
         result = runner.invoke(cli_module.main, args)
@@ -164,9 +163,8 @@ def test_user_without_the_needed_rights_gets_authentication_failed(server, user)
 
 def test_cli_reports_a_missing_permission_in_one_line(server):
     from dataflow_redis import cli as cli_module
-    from click.testing import CliRunner
 
-    result = CliRunner(env={"DATAFLOW_REDIS_URL": url(server, "outsider"), "DATAFLOW_RUN": "acl-denied"}).invoke(
+    result = cli_runner(env={"DATAFLOW_REDIS_URL": url(server, "outsider"), "DATAFLOW_RUN": "acl-denied"}).invoke(
         cli_module.main, ["status"])
     assert result.exit_code == 4
     assert "Traceback" not in result.output and USER_PASSWORD not in result.output
@@ -230,9 +228,8 @@ def test_rediss_url_with_tls_and_acl_user(tmp_path):
                                   retry_s=0.2).status()
         assert "certificate" in str(info.value).lower() and USER_PASSWORD not in str(info.value)
         from dataflow_redis import cli as cli_module
-        from click.testing import CliRunner
 
-        result = CliRunner(env={"DATAFLOW_REDIS_URL": tls_url, "DATAFLOW_RUN": "tls-run"}).invoke(
+        result = cli_runner(env={"DATAFLOW_REDIS_URL": tls_url, "DATAFLOW_RUN": "tls-run"}).invoke(
             cli_module.main, ["status"])
         assert result.exit_code == 0, result.output
         assert USER_PASSWORD not in result.output

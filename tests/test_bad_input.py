@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from conftest import dump_run, make_ref
+from conftest import cli_runner, dump_run, make_ref
 from dataflow_redis import (AuthenticationFailed, BackpressureConfig, ConfigError, ConnectionFailed,
                             ControlPlane, FeatureSpec, InvalidArgument, PromptTask, RecordTooLarge,
                             StepRegression)
@@ -269,11 +269,10 @@ from dataflow_redis import cli as cli_module  # noqa: E402
 
 
 def cli(*args):
-    from click.testing import CliRunner
 
     env = {"DATAFLOW_REDIS_URL": None, "DATAFLOW_RUN": None, "DATAFLOW_NAMESPACE": None,
            "DATAFLOW_REDIS_DEBUG": None}
-    return CliRunner(env=env).invoke(cli_module.main, list(args))
+    return cli_runner(env=env).invoke(cli_module.main, list(args))
 
 
 CLI_CASES = [

@@ -13,8 +13,8 @@ import json
 import math
 
 import pytest
-from click.testing import CliRunner
 
+from conftest import cli_runner
 from dataflow_redis.bench import (
     ALL_OPS,
     CYCLE_STEPS,
@@ -33,7 +33,7 @@ TINY = ["--seconds", "0.03", "--processes", "1,2", "--cycle-processes", "2", "--
 
 @pytest.fixture(scope="module")
 def result():
-    run = CliRunner().invoke(bench_command, ["--json", *TINY], catch_exceptions=False)
+    run = cli_runner().invoke(bench_command, ["--json", *TINY], catch_exceptions=False)
     assert run.exit_code == 0, run.output
     return json.loads(run.stdout)  # progress lines go to stderr
 
@@ -151,7 +151,7 @@ def test_the_table_shows_every_section(result):
 
 
 def test_bad_options_are_refused_with_a_clear_message():
-    runner = CliRunner()
+    runner = cli_runner()
     run = runner.invoke(bench_command, ["--sections", "ops,speed"])
     assert run.exit_code == 2 and "unknown section" in run.output
     run = runner.invoke(bench_command, ["--processes", "1,zero"])

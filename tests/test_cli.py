@@ -20,9 +20,8 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
 
-from conftest import dump_run, make_ref
+from conftest import cli_runner, dump_run, make_ref
 from dataflow_redis import BackpressureConfig
 from dataflow_redis.cli import (EXIT_AUTH, EXIT_BAD_VALUE, EXIT_UNKNOWN_RUN, EXIT_UNREACHABLE, main,
                                 mask_url, scrub, watch_frame, watermark_bar, Target)
@@ -38,7 +37,7 @@ CLOCK_FIELDS = {"server_time_ms", "rollout_starved_s", "trainer_starved_s", "sin
 
 def cli(*args, env=None):
     """Invoke the CLI in-process; returns click's Result (stdout and stderr apart)."""
-    return CliRunner(env={**CLEAN_ENV, **(env or {})}).invoke(main, list(args))
+    return cli_runner(env={**CLEAN_ENV, **(env or {})}).invoke(main, list(args))
 
 
 def cli_proc(*args, env=None, entry_point=False, timeout=60):

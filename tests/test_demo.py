@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 import redis
-from click.testing import CliRunner
 
+from conftest import cli_runner
 from dataflow_redis import ControlPlane, idset
 from dataflow_redis.cli import EXIT_BAD_VALUE, main
 from dataflow_redis.demo import BYTES_PER_TOKEN, sample_id_of
@@ -87,7 +87,7 @@ def test_demo_json_on_external_redis_loses_nothing_and_engages_backpressure(redi
 
 def test_demo_on_a_private_redis_with_plot(tmp_path):
     plot = tmp_path / "demo.png"
-    result = CliRunner(env=CLEAN_ENV).invoke(main, ["demo", "--plot", str(plot), *SMALL])
+    result = cli_runner(env=CLEAN_ENV).invoke(main, ["demo", "--plot", str(plot), *SMALL])
     assert result.exit_code == 0, result.stderr
     out = result.stdout
     assert "tasks lost      0 of 240" in out and "OK: every ingested task was acked" in out
@@ -132,7 +132,7 @@ def test_demo_roles_as_separate_commands_like_docker_compose(redis_url, demo_run
 
 def test_demo_refuses_an_existing_run_and_bad_sizes(redis_url, demo_run):
     demo_run.configure(max_prompt_attempts=2)
-    runner = CliRunner(env=CLEAN_ENV)
+    runner = cli_runner(env=CLEAN_ENV)
     result = runner.invoke(main, ["--redis-url", redis_url, "--run", demo_run.run_id, "demo", "--prompts", "5"])
     assert result.exit_code == EXIT_BAD_VALUE and "already exists" in result.stderr
     result = runner.invoke(main, ["demo", "--high-watermark", "1000", "--low-watermark", "2000"])

@@ -4,9 +4,8 @@ does in bounded chunks, safely interrupted and repeated."""
 
 from __future__ import annotations
 
-from click.testing import CliRunner
 
-from conftest import make_ref
+from conftest import cli_runner, make_ref
 from dataflow_redis import ScriptError, idset
 from dataflow_redis.cli import main
 
@@ -62,7 +61,7 @@ def test_an_interrupted_migration_loses_nothing_and_finishes_later(cp):
     except ScriptError as exc:
         assert "migrate" in str(exc)
     # The CLI finishes it.
-    result = CliRunner().invoke(main, ["--redis-url", redis_url_of(cp), "--run", cp.run_id,
+    result = cli_runner().invoke(main, ["--redis-url", redis_url_of(cp), "--run", cp.run_id,
                                        "migrate", "--batch", "9"])
     assert result.exit_code == 0, result.output
     assert result.output.strip() == "moved 65 dedup marker(s) into packed id sets"

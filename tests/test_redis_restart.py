@@ -65,8 +65,10 @@ def test_kill_9_mid_run_loses_nothing_and_clients_ride_through(aof_server, tmp_p
         killed_at = time.time()
         server.kill()                    # SIGKILL: no shutdown, no final save
         time.sleep(1.5)                  # clients are retrying against a dead port
-        server.start()
+        # Taken before start(): the clients reconnect while start() still waits for its
+        # own readiness check, and may finish the whole run before it returns.
         restarted_at = time.time()
+        server.start()
         after = snapshot(cp)
         procs.join_all(processes, timeout_s=90)
     finally:
