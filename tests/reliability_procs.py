@@ -76,6 +76,15 @@ def _all_finished(cp: ControlPlane) -> bool:
     return sum(pipe.execute()) == 0
 
 
+def _started(params: dict, go=None) -> "Log":
+    """The role's log, its start line written, once the test lets the roles go (``go``)."""
+    log = Log(params["log_path"])
+    log.write(op="start", pid=os.getpid())
+    if go is not None:
+        go.wait(120)
+    return log
+
+
 def _may_stop(params: dict) -> bool:
     """Roles stop once the run is drained, and, when the test still adds work while
     they run, only after it created ``stop_file``."""
@@ -101,10 +110,7 @@ def rollout_worker(params: dict, go=None) -> None:
     cp = _open(params)
     w = cp.rollout_worker(params["worker_id"], lease_s=params["lease_s"])
     rng = random.Random(params.get("seed"))
-    log = Log(params["log_path"])
-    log.write(op="start", pid=os.getpid())
-    if go is not None:
-        go.wait(120)
+    log = _started(params, go)
     kept: list[str] = []
     while True:
         before = len(w.held)
@@ -163,10 +169,7 @@ def trainer(params: dict, go=None) -> None:
     cp = _open(params)
     t = cp.trainer(params["trainer_id"], lease_s=params["lease_s"])
     rng = random.Random(params.get("seed"))
-    log = Log(params["log_path"])
-    log.write(op="start", pid=os.getpid())
-    if go is not None:
-        go.wait(120)
+    log = _started(params, go)
     step = 0
     while True:
         refs = t.lease(params["request"], timeout_s=params.get("wait_s", 0.05))
@@ -203,10 +206,7 @@ def capacity_reporter(params: dict, go=None) -> None:
     """
     cp = _open(params)
     reporter = cp.capacity_reporter(params["store_id"])
-    log = Log(params["log_path"])
-    log.write(op="start", pid=os.getpid())
-    if go is not None:
-        go.wait(120)
+    log = _started(params, go)
     k = cp.keys
     while True:
         pipe = cp.redis.pipeline(transaction=True)
