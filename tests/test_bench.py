@@ -27,7 +27,7 @@ from dataflow_redis.bench import (
 )
 
 TINY = ["--seconds", "0.03", "--processes", "1,2", "--cycle-processes", "2", "--cycle-seconds", "0.15",
-        "--cycle-rounds", "2", "--backlog", "2000", "--workers", "20",
+        "--cycle-rounds", "2", "--floor-rounds", "2", "--backlog", "2000", "--workers", "20",
         "--memory-tasks", "20000"]  # smaller runs are dominated by hash-table growth steps
 
 
@@ -59,6 +59,12 @@ def test_every_operation_at_every_process_count_against_the_noop(result):
             assert stat["calls"] > 0 and positive(stat["ops_per_s"]), (level["processes"], op)
             assert 0 < stat["p50_ms"] <= stat["p99_ms"], (level["processes"], op)
             assert stat["ratio_to_noop"] == pytest.approx(stat["ops_per_s"] / stat["noop_ops_per_s"], rel=1e-2, abs=1e-3)  # ratios are rounded to 3 decimals
+        # A floor is measured in every round and keeps its best one (the figures above).
+        for floor in FLOORS:
+            stat = level["ops"][floor]
+            assert len(stat["rounds"]) == result["settings"]["floor_rounds"] == 2
+            assert stat["ratio_to_noop"] == max(stat["rounds"])
+        assert all("rounds" not in level["ops"][op] for op in ALL_OPS if op not in FLOORS)
 
 
 def test_full_cycle_and_lmove_baseline_for_both_batch_sizes(result):
@@ -148,6 +154,17 @@ def test_the_table_shows_every_section(result):
         assert title in text
     for op in ALL_OPS:
         assert op in text
+    assert text.count("best of ") == len(FLOORS) * len(result["ops"]["levels"])
+
+
+def test_targets_show_ratios_to_three_decimals(result):
+    # A floor of 0.598 misses the 0.6 goal: it must not be printed as 0.60.
+    import copy
+    edited = copy.deepcopy(result)
+    single = next(t for t in edited["targets"] if t["target"] == "single-item op / no-op EVALSHA")
+    single.update(value=0.5984, floor=0.5979, out_of_reach=True)
+    line = next(x for x in format_report(edited).splitlines() if "single-item" in x)
+    assert " 0.598 " in line and "0.598: out of reach" in line and "0.60" not in line
 
 
 def test_bad_options_are_refused_with_a_clear_message():
