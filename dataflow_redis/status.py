@@ -12,12 +12,19 @@ from ._args import text
 
 
 def _pairs(flat: Sequence[Any]) -> dict[str, str]:
-    return {text(flat[i]): text(flat[i + 1]) for i in range(0, len(flat), 2)}
+    if flat and isinstance(flat[0], bytes):  # a client that does not decode replies
+        flat = [text(item) for item in flat]
+    return dict(zip(flat[::2], flat[1::2]))
 
 
 def _int(d: dict, name: str, default: Optional[int] = 0) -> Optional[int]:
     value = d.get(name)
-    return default if value is None else int(float(value))
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:  # a number written as a float ("1e3", "12.0")
+        return int(float(value))
 
 
 def build_status(run_id: str, raw: Sequence[Any]) -> dict[str, Any]:
