@@ -49,9 +49,11 @@ for i = 1, #ids do
   end
 end
 if #acked > 0 then
+  -- The acked set first: on a run whose markers are still Redis sets (0.1.0) this
+  -- fails with WRONGTYPE before anything is written (see migrate_dedup_sets.lua).
+  idset_add(K.acked, acked)
   call_many('HDEL', K.train_leases, acked)
   call_many('ZREM', K.train_deadlines, acked)
-  idset_add(K.acked, acked)
   if durable then
     call_many('HDEL', K.samples, acked)
   else

@@ -87,10 +87,8 @@ for j = 1, #unseen do
     records[#records + 1] = ARGV[4 * unseen_at[j] + 3]
   end
 end
-call_many('HSET', K.samples, records)
-call_many('RPUSH', K.train_queue, fresh)
 
--- Release the source leases: the holder is this worker (holds() checked it).
+-- The source leases to release: the holder is this worker (holds() checked it).
 local done_ids, reserved = {}, 0
 for slot = 1, #task_ids do
   if release[slot] then
@@ -99,6 +97,12 @@ for slot = 1, #task_ids do
   end
 end
 local done = #done_ids
+-- The first write goes to tasks_done: on a run whose markers are still Redis sets
+-- (0.1.0) it fails with WRONGTYPE before anything is written, even when no acked
+-- lookup ran above (see migrate_dedup_sets.lua).
+idset_add(K.tasks_done, done_ids)
+call_many('HSET', K.samples, records)
+call_many('RPUSH', K.train_queue, fresh)
 if done > 0 then
   call_many('HDEL', K.prompt_leases, done_ids)
   call_many('ZREM', K.prompt_deadlines, done_ids)
@@ -106,7 +110,6 @@ if done > 0 then
     redis.call('HDEL', K.worker_inflight, worker)
   end
   if reserved > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', -reserved) end
-  idset_add(K.tasks_done, done_ids)
   call_many('HDEL', K.tasks, done_ids)
   hdel_sparse(K.task_bytes, done_ids)
   hdel_sparse(K.task_attempts, done_ids)

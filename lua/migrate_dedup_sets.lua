@@ -11,7 +11,8 @@
 --   set under construction; dedup_migrating takes the old key's name in the call that
 --   empties the old set. tasks_done is converted before acked. Until both are done the
 --   run's other scripts fail with WRONGTYPE (mapped to a "run migrate" error): nothing
---   is read or written half-converted.
+--   is read or written half-converted. Every script reaches its marker sets before its
+--   first write, so such a refused call changes nothing (tests/test_migrate.py).
 -- @include util
 -- @include idset
 

@@ -18,15 +18,17 @@
 local after = ARGV[1]
 if after == '' then after = redis.call('HGET', K.durable, 'durable_global_step') or '-1' end
 local after_step = tonumber(after)
+local ids = redis.call('ZRANGEBYSCORE', K.undurable, '(' .. after, '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
+for _, sample_id in ipairs(ids) do
+  -- The acked set first: on a run whose markers are still Redis sets (0.1.0) the first
+  -- removal fails with WRONGTYPE before anything is written (see migrate_dedup_sets.lua).
+  idset_remove(K.acked, sample_id)
+  redis.call('ZREM', K.undurable, sample_id)
+  redis.call('LPUSH', K.train_queue, sample_id)
+end
 if tonumber(redis.call('HGET', K.durable, 'global_step') or -1) > after_step then
   if after_step >= 0 then redis.call('HSET', K.durable, 'global_step', after)
   else redis.call('HDEL', K.durable, 'global_step') end
-end
-local ids = redis.call('ZRANGEBYSCORE', K.undurable, '(' .. after, '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
-for _, sample_id in ipairs(ids) do
-  redis.call('ZREM', K.undurable, sample_id)
-  idset_remove(K.acked, sample_id)
-  redis.call('LPUSH', K.train_queue, sample_id)
 end
 if #ids > 0 then
   redis.call('HINCRBY', K.counters, 'samples_acked', -#ids)

@@ -73,3 +73,50 @@ def test_an_interrupted_migration_loses_nothing_and_finishes_later(cp):
 def redis_url_of(cp):
     kwargs = cp.redis.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
+
+
+def snapshot(cp):
+    """Every key of the run with its serialized value: equal snapshots, equal state."""
+    r = cp.redis
+    return {key: r.dump(key) for key in r.scan_iter(match=cp.keys.pattern(), count=1000)}
+
+
+def test_calls_on_an_unmigrated_run_change_nothing(cp):
+    """A script that meets an old-layout marker set refuses before its first write, even
+    when its other reads succeed: an ack, a recovery requeue and a holder's duplicate
+    commit each leave the run exactly as it was (no lease released, no step rolled
+    back, no sample or task orphaned)."""
+    cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(4)])
+    worker, trainer = cp.rollout_worker("w-old"), cp.trainer("tr-old")
+    leased = worker.lease(4)
+    assert len(leased) == 4
+    worker.commit([make_ref(cp, "s-a", "t0"), make_ref(cp, "s-b", "t1")])
+    refs = trainer.lease(2)
+    trainer.ack([refs[0].sample_id], global_step=5, optimizer_durable=False)  # undurable
+    r, k = cp.redis, cp.keys
+    for key in (k.tasks_done, k.acked):
+        members = idset.members(r, key)
+        r.delete(key)
+        r.sadd(key, *members)
+    before = snapshot(cp)
+    calls = {
+        "ack": lambda: trainer.ack([refs[1].sample_id], global_step=6, optimizer_durable=True),
+        "requeue_undurable": lambda: cp.requeue_undurable(after_step=0),
+        # The holder of t2 re-sends a sample id already queued: a duplicate, whose only
+        # effect would be to release t2 and mark it done.
+        "duplicate commit": lambda: worker.commit([make_ref(cp, "s-a", "t2")]),
+    }
+    for name, call in calls.items():
+        try:
+            call()
+            raise AssertionError(f"{name} was accepted on an old-layout run")
+        except ScriptError as exc:
+            assert "migrate" in str(exc), name
+        assert snapshot(cp) == before, f"{name} changed the run before refusing"
+    # What needs no marker goes on: ingest of a generated id, its lease, status.
+    [fresh] = cp.ingest_prompts([{"payload": "p"}])
+    assert [t.task_id for t in worker.lease(1)] == [fresh] and cp.status()["prompts"] == 5
+    cp.migrate()
+    assert trainer.ack([refs[1].sample_id], global_step=6, optimizer_durable=True) == [refs[1].sample_id]
+    assert worker.commit([make_ref(cp, "s-a", "t2")]) == []
+    assert cp.is_done(["t2"]) == [True]

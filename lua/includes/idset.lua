@@ -17,6 +17,8 @@
 -- one bucket: bounded work per call whatever the size of the set.
 -- Ids never contain "\n" (ids are printable ASCII without spaces, keys.py), so
 -- "\n<id>\n" matches exactly one member. dataflow_redis/idset.py reads the layout.
+-- Callers reach a set before their first write: on a run made by 0.1.0, whose markers
+-- are Redis sets, the first HMGET fails with WRONGTYPE while nothing is written yet.
 
 -- Small buckets: every string entering Lua (a bucket read, a bucket grown by one id)
 -- is hashed byte by byte, so bucket size is paid on every lookup; 8 ids per bucket
