@@ -57,7 +57,7 @@ class Trainer(LeaseHolder):
         deadline = time.monotonic() + _args.seconds(timeout_s, "timeout_s", minimum=0.0)
         while True:
             remaining = deadline - time.monotonic()
-            refs = self._lease_once(max_refs, remaining <= 0, request_id if remaining > 0 else None)
+            refs = self._lease_once(max_refs, remaining <= 0, request_id)
             request_id = None  # only the first attempt carries the caller's id
             if refs or remaining <= 0:
                 return refs

@@ -237,6 +237,18 @@ def test_retried_train_lease_and_ack_apply_once(cp):
     assert cp.redis.xlen(cp.keys.ack_log) == 1
 
 
+def test_a_retried_waiting_train_lease_applies_once_whatever_its_timeout(cp):
+    # The caller's request id goes with the first attempt even when there is no time
+    # to wait (timeout_s=0): the retry gets the same grant, not a second one.
+    cp.enqueue_offline_refs([make_ref(cp, f"s{i}") for i in range(4)])
+    t = cp.trainer(trainer_id="tr")
+    for timeout_s, request_id in ((0.0, "tl-0"), (0.5, "tl-1")):
+        first = [r.sample_id for r in t.lease(1, timeout_s=timeout_s, request_id=request_id)]
+        again = [r.sample_id for r in t.lease(1, timeout_s=timeout_s, request_id=request_id)]
+        assert again == first and len(first) == 1, (timeout_s, first, again)
+    assert cp.status()["queue_in_flight"] == 2
+
+
 def test_retried_ingest_and_fail_apply_once(cp):
     ids = cp.ingest_prompts([{"payload": "a"}, {"payload": "b"}], request_id="ing-1")
     assert cp.status()["prompts"] == 2
