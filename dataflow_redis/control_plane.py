@@ -176,7 +176,9 @@ class ControlPlane:
 
     # ------------------------------------------------------------- operations
     def reclaim_expired(self, batch: int = 1000) -> int:
-        """Return every expired lease to its queue now. Returns how many were reclaimed."""
+        """Return every expired lease to its queue now, ``batch`` per script call.
+        Returns how many were reclaimed."""
+        _args.count(batch, "batch")
         total = 0
         while True:
             prompts, samples = self._run("reclaim_expired", [batch])
@@ -204,6 +206,7 @@ class ControlPlane:
         ack again from ``after_step + 1``. Returns how many samples were requeued."""
         if after_step is not None and type(after_step) is not int:
             raise InvalidArgument(f"after_step must be an int or None, got {after_step!r}")
+        _args.count(batch, "batch")
         total = 0
         while True:
             n = self._run("requeue_undurable", ["" if after_step is None else after_step, batch])

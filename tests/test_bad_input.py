@@ -157,6 +157,12 @@ CASES = [
     ("fail-reason-not-str", lambda r: r.worker.fail(["t3"], 404, True), InvalidArgument, "reason must be a string"),
     ("fail-retryable-not-bool", lambda r: r.trainer.fail(["s-t1"], "x", "no"), InvalidArgument,
      "retryable must be True or False"),
+    # Batch sizes of the looping operations: 0 or less would loop for ever.
+    ("reclaim-zero-batch", lambda r: r.cp.reclaim_expired(batch=0), InvalidArgument,
+     "batch must be an int from 1 to 10000, got 0"),
+    ("requeue-undurable-negative-batch", lambda r: r.cp.requeue_undurable(batch=-1), InvalidArgument,
+     "batch must be an int from 1 to 10000, got -1"),
+    ("migrate-zero-batch", lambda r: r.cp.migrate(batch=0), InvalidArgument, "batch must be an int from 1"),
     ("requeue-undurable-str-step", lambda r: r.cp.requeue_undurable(after_step="3"), InvalidArgument,
      "after_step must be an int"),
     # ---- capacity reports
