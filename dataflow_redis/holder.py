@@ -14,6 +14,10 @@ from .keys import validate_item_id
 if TYPE_CHECKING:
     from .control_plane import ControlPlane
 
+HEARTBEAT_CHUNK = 1000
+"""Leases one heartbeat script call extends: a holder of many leases sends several
+short atomic steps rather than one long one (each lease is extended on its own)."""
+
 
 class LeaseHolder:
     """Base of :class:`~dataflow_redis.RolloutWorker` and :class:`~dataflow_redis.Trainer`.
@@ -50,11 +54,16 @@ class LeaseHolder:
 
     def heartbeat(self) -> list[str]:
         """Extend every held lease to now + ``lease_s`` seconds; returns the ids lost
-        meanwhile (expired and reclaimed, or re-granted), which stop being held."""
-        args: list = [self.KIND, self.holder_id, self._lease_ms]
-        for item_id, token in self._tokens.items():
-            args += [item_id, token]
-        lost = [_args.text(i) for i in self.cp._run("extend_leases", args)]
+        meanwhile (expired and reclaimed, or re-granted), which stop being held.
+        Up to HEARTBEAT_CHUNK leases per script call (at least one call, which also
+        records the holder as seen)."""
+        held = list(self._tokens.items())
+        lost: list[str] = []
+        for start in range(0, max(1, len(held)), HEARTBEAT_CHUNK):
+            args: list = [self.KIND, self.holder_id, self._lease_ms]
+            for item_id, token in held[start:start + HEARTBEAT_CHUNK]:
+                args += [item_id, token]
+            lost += [_args.text(i) for i in self.cp._run("extend_leases", args)]
         for item_id in lost:
             self._tokens.pop(item_id, None)
         return lost

@@ -170,6 +170,24 @@ def test_heartbeat_extends_prompt_and_train_leases(cp):
     assert t.ack(["s0"]) == ["s0"]
 
 
+def test_a_heartbeat_of_many_leases_goes_in_chunks_and_extends_them_all(cp, monkeypatch):
+    from dataflow_redis import holder
+    monkeypatch.setattr(holder, "HEARTBEAT_CHUNK", 4)
+    cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(10)])
+    w = cp.rollout_worker(lease_s=30.0)
+    assert len(w.lease(10)) == 10
+    before = {f"t{i}": prompt_deadline(cp, f"t{i}") for i in range(10)}
+    time.sleep(0.05)
+    calls = []
+    run = cp._run
+    monkeypatch.setattr(cp, "_run", lambda name, args, *rest, **kw: calls.append(name) or run(name, args, *rest, **kw))
+    assert w.heartbeat() == []
+    assert calls == ["extend_leases"] * 3  # 4 + 4 + 2 leases
+    assert all(prompt_deadline(cp, task_id) > deadline for task_id, deadline in before.items())
+    calls.clear()
+    assert cp.rollout_worker(worker_id="idle").heartbeat() == [] and calls == ["extend_leases"]
+
+
 def test_heartbeat_reports_leases_lost_meanwhile(cp):
     cp.ingest_prompts([{"task_id": "t0"}])
     slow = cp.rollout_worker(worker_id="slow", lease_s=0.05)
