@@ -83,6 +83,12 @@ _RULES: dict[str, tuple[type, float]] = {
     "stale_after_s": (float, 0.001),
 }
 MAX_INT = 2**53  # Lua numbers are doubles: larger integers lose precision.
+MAX_TASK_BYTES = 2**39
+"""Largest estimated size of one task's samples (512 GiB), for a task's
+``estimated_bytes`` and ``default_task_bytes``. A lease sums the sizes of up to
+10,000 tasks in Lua, where numbers are doubles: under this cap every such sum is an
+exact integer, so the byte reservation adds and later subtracts exactly the same."""
+_MAXIMA = {"default_task_bytes": MAX_TASK_BYTES}
 
 
 def _check_field(name: str, value: Any) -> None:
@@ -91,9 +97,10 @@ def _check_field(name: str, value: Any) -> None:
     if value is None:
         return
     kind, minimum = _RULES[name]
+    maximum = _MAXIMA.get(name, MAX_INT)
     if kind is int:
-        ok = type(value) is int and minimum <= value <= MAX_INT
-        want = f"an integer >= {minimum:g}"
+        ok = type(value) is int and minimum <= value <= maximum
+        want = f"an integer >= {minimum:g}" if maximum == MAX_INT else f"an integer from {minimum:g} to {maximum}"
     else:
         ok = (type(value) in (int, float) and math.isfinite(value) and minimum <= value <= MAX_INT)
         want = f"a number >= {minimum:g}"

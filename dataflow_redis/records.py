@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import orjson
 
+from .config import MAX_TASK_BYTES
 from .errors import InvalidArgument
 from .keys import validate_item_id
 
@@ -77,7 +78,8 @@ class PromptTask:
     attempt: int = 0
     metadata: Mapping[str, Any] = field(default_factory=dict)
     estimated_bytes: Optional[int] = None
-    """Bytes the task's samples are expected to add to the feature store (reservation)."""
+    """Bytes the task's samples are expected to add to the feature store (reservation);
+    at most ``MAX_TASK_BYTES`` (512 GiB)."""
 
 
 @dataclass(frozen=True)
@@ -228,11 +230,14 @@ def new_id() -> str:
     return urlsafe_b64encode(os.urandom(12)).decode()
 
 
-def _check_optional(value: Any, kind: type, where: str, minimum: Optional[int] = None) -> None:
+def _check_optional(value: Any, kind: type, where: str, minimum: Optional[int] = None,
+                    maximum: Optional[int] = None) -> None:
     if value is None:
         return
-    if kind is int and (type(value) is not int or (minimum is not None and value < minimum)):
-        raise InvalidArgument(f"{where} must be an int >= {minimum} or None, got {value!r}")
+    if kind is int and (type(value) is not int or (minimum is not None and value < minimum)
+                        or (maximum is not None and value > maximum)):
+        bounds = f">= {minimum}" if maximum is None else f"from {minimum} to {maximum}"
+        raise InvalidArgument(f"{where} must be an int {bounds} or None, got {value!r}")
     if kind is str and not isinstance(value, str):
         raise InvalidArgument(f"{where} must be a string or None, got {value!r}")
 
@@ -260,7 +265,7 @@ def task_from_input(item: Any, run_id: str) -> PromptTask:
     if task.max_length is not None:
         _check_optional(task.max_length, int, f"task {task.task_id}: max_length", 1)
     if task.estimated_bytes is not None:
-        _check_optional(task.estimated_bytes, int, f"task {task.task_id}: estimated_bytes", 0)
+        _check_optional(task.estimated_bytes, int, f"task {task.task_id}: estimated_bytes", 0, MAX_TASK_BYTES)
     for name in ("chat_template", "loss_mask_policy", "target_model_version", "draft_weight_version"):
         if getattr(task, name) is not None:
             _check_optional(getattr(task, name), str, f"task {task.task_id}: {name}")

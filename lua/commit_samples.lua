@@ -109,7 +109,7 @@ if done > 0 then
   if redis.call('HINCRBY', K.worker_inflight, worker, -done) <= 0 then
     redis.call('HDEL', K.worker_inflight, worker)
   end
-  if reserved > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', -reserved) end
+  if reserved > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', int_text(-reserved)) end
   call_many('HDEL', K.tasks, done_ids)
   hdel_sparse(K.task_bytes, done_ids)
   hdel_sparse(K.task_attempts, done_ids)

@@ -108,7 +108,7 @@ if granted > 0 then
     out[4 * i] = records[i]
   end
   redis.call('HINCRBY', K.worker_inflight, worker, int_text(granted))
-  if added_bytes > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', added_bytes) end
+  if added_bytes > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', int_text(added_bytes)) end
   starvation_ends('rollout', now, bp[5])
 elseif refused_by_backpressure and redis.call('LLEN', K.pending) > 0 then
   redis.call('HINCRBY', K.bp, 'rollout_starved', 1)

@@ -397,6 +397,26 @@ def test_reservation_released_on_expiry_and_default_task_bytes(cp):
     assert bp(cp)["reserved_bytes"] == 5000
 
 
+def test_reservations_of_the_largest_tasks_add_and_release_exactly(cp):
+    # 16 tasks at the cap in one lease: the sum passes 2**42, still exact. A task
+    # stored with a larger estimate by an older version (1e18 bytes) leases and
+    # releases too: the increments reach Redis as integer text, never as '1e+18'.
+    from dataflow_redis.config import MAX_TASK_BYTES
+    cp.configure_backpressure(BackpressureConfig(max_train_lease=1000))  # no watermark: no byte limit
+    cp.ingest_prompts([PromptTask(task_id=f"t{i}", run_id=cp.run_id, estimated_bytes=MAX_TASK_BYTES)
+                       for i in range(16)])
+    cp.ingest_prompts([{"task_id": "legacy"}])
+    cp.redis.hset(cp.keys.task_bytes, "legacy", str(10**18))
+    worker = cp.rollout_worker("w")
+    tasks = worker.lease(16)
+    assert len(tasks) == 16 and bp(cp)["reserved_bytes"] == 16 * MAX_TASK_BYTES
+    legacy = worker.lease(1)
+    assert [t.task_id for t in legacy] == ["legacy"]
+    assert bp(cp)["reserved_bytes"] == 16 * MAX_TASK_BYTES + 10**18
+    assert len(commit(cp, worker, tasks + legacy)) == 17
+    assert bp(cp)["reserved_bytes"] == 0 and cp.worker_inflight() == {}
+
+
 # ------------------------------------------------------------------- 7. operator
 def test_operator_pause_is_separate_from_the_latch_and_shown_in_status(cp):
     ingest(cp, 5)

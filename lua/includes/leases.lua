@@ -61,7 +61,7 @@ local function release_prompt_lease(task_id, value)
   if redis.call('HINCRBY', K.worker_inflight, holder, -1) <= 0 then
     redis.call('HDEL', K.worker_inflight, holder)
   end
-  if bytes > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', -bytes) end
+  if bytes > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', int_text(-bytes)) end
 end
 
 -- Terminal: the task goes to the dead-letter hash with its reason (its record stays,

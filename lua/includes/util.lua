@@ -18,7 +18,8 @@ local function server_time()
 end
 
 -- Decimal text of an integral number (cheaper than the %.14g of `..`, and exact
--- beyond 1e14).
+-- beyond 1e14). Pass computed integers to redis.call through it: a Lua number from
+-- 1e17 up reaches Redis as '1e+17', which HINCRBY refuses.
 local function int_text(n)
   return string.format('%d', n)
 end
