@@ -107,6 +107,9 @@ class RedisServer:
                 if time.monotonic() > deadline:
                     raise DataflowError(f"redis-server on port {self.port} did not answer within {timeout_s}s")
                 time.sleep(0.02)
+        except BaseException:
+            self.kill()  # a server that did not come up must not outlive the error
+            raise
         finally:
             client.close()
 
@@ -139,7 +142,11 @@ class RedisServer:
         return redis.Redis.from_url(self.url, decode_responses=True, **kwargs)
 
     def __enter__(self) -> "RedisServer":
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()  # __exit__ does not run when __enter__ fails: remove the files here
+            raise
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -55,3 +55,27 @@ def test_server_stops_and_removes_its_files():
     server.stop()
     assert server.process.poll() is not None
     assert not os.path.exists(data_dir)
+
+
+def test_a_server_that_fails_to_start_leaves_no_process_and_no_files(monkeypatch):
+    import redis
+
+    # Never answered in time: the process is killed before the error is raised.
+    def unreachable(self):
+        raise redis.ConnectionError("no answer")
+
+    server = RedisServer()
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(redis.Redis, "ping", unreachable)
+            with pytest.raises(DataflowError, match="did not answer within 0.3s"):
+                server.start(timeout_s=0.3)
+        assert server.process.poll() is not None
+    finally:
+        server.stop()
+    # Refused to start (a bad option) inside `with`: the data directory goes too.
+    failing = RedisServer(extra_args=["--no-such-option", "1"])
+    with pytest.raises(DataflowError, match="exited at start"):
+        with failing:
+            raise AssertionError("the server started")
+    assert failing.process.poll() is not None and not os.path.exists(failing.dir)
