@@ -122,7 +122,9 @@ class ControlPlane:
     def ingest_prompts(self, tasks: Iterable[Any], request_id: Optional[str] = None) -> list[str]:
         """Append prompt tasks (PromptTask or dicts) to pending; ids are generated when
         absent. Returns the ids that were fresh (an id already known is skipped).
-        Every task is validated before anything is written."""
+        Every task is validated before anything is written. A repeated ``request_id``
+        returns the first call's reply (for 30 s, ``reply_ttl_s``) whoever sends it:
+        keep it unique per request across producers."""
         if isinstance(tasks, (str, bytes, dict)):
             raise InvalidArgument("tasks must be a list of PromptTask or dicts")
         items = list(tasks)
@@ -154,7 +156,8 @@ class ControlPlane:
         return fresh
 
     def enqueue_offline_refs(self, refs: Iterable[SampleRef], request_id: Optional[str] = None) -> list[str]:
-        """Put offline sample refs straight into the train queue. Returns fresh ids."""
+        """Put offline sample refs straight into the train queue. Returns fresh ids.
+        ``request_id`` as for :meth:`ingest_prompts` (unique per request)."""
         checked = check_refs(refs, self.run_id)
         args: list = ["", 1, len(checked)]
         for ref in checked:
