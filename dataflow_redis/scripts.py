@@ -206,7 +206,11 @@ class ScriptRunner:
             except redis.exceptions.NoScriptError:
                 load = True
             except redis.ResponseError as exc:
-                raise _translate(exc) from None
+                if not str(exc).startswith("BUSY"):
+                    raise _translate(exc) from None
+                # Another client's script is still running (past busy-reply-threshold):
+                # ours was not run, so it is retried like a lost connection.
+                deadline, delay = self._wait(exc, deadline, delay)
             except UnicodeEncodeError as exc:  # raised while packing the call: nothing was sent
                 raise errors.InvalidArgument(
                     f"an argument is not valid Unicode ({exc.reason}: {exc.object[exc.start:exc.end]!r}); "
@@ -215,17 +219,26 @@ class ScriptRunner:
             except redis.AuthenticationError as exc:
                 raise errors.AuthenticationFailed(f"Redis refused the credentials: {exc}") from None
             except RETRYABLE as exc:
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + self.retry_s
-                if now >= deadline:
-                    raise errors.ConnectionFailed(
-                        f"Redis unreachable for {self.retry_s:g}s ({exc}); check that it is "
-                        "running and that the URL is right"
-                    ) from None
-                # The last sleep is cut short so that one more try lands at the deadline.
-                time.sleep(min(delay, deadline - now))
-                delay = min(delay * 2, 1.0)
+                deadline, delay = self._wait(exc, deadline, delay)
+
+    def _wait(self, exc: Exception, deadline: float | None, delay: float) -> tuple[float, float]:
+        """Back off before the next try of a call Redis did not run; raise once
+        ``retry_s`` has passed since the first failure. Returns (deadline, next delay)."""
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + self.retry_s
+        if now >= deadline:
+            if isinstance(exc, redis.ResponseError):
+                raise errors.ScriptError(
+                    f"Redis stayed busy running another client's script for {self.retry_s:g}s ({exc}); "
+                    "find it with SLOWLOG GET, end it with SCRIPT KILL") from None
+            raise errors.ConnectionFailed(
+                f"Redis unreachable for {self.retry_s:g}s ({exc}); check that it is "
+                "running and that the URL is right"
+            ) from None
+        # The last sleep is cut short so that one more try lands at the deadline.
+        time.sleep(min(delay, deadline - now))
+        return deadline, min(delay * 2, 1.0)
 
 
 def mapped_errors(read: Callable[..., Any]) -> Callable[..., Any]:

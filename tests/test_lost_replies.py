@@ -163,3 +163,40 @@ def test_connections_cut_between_calls_are_reopened(proxied):
     assert trainer.ack(["s0"]) == ["s0"]
     assert proxy.connections >= 4 and proxy.dropped == 0
     assert direct.status()["samples_acked"] == 1
+
+
+def test_a_call_refused_as_busy_waits_for_the_other_script_then_applies_once():
+    """BUSY (another client's script runs past busy-reply-threshold) means Redis did not
+    run the call: the client backs off and tries again within retry_s, and gives up
+    with a clear error after it."""
+    import threading
+    import time
+
+    from dataflow_redis import ScriptError
+    from dataflow_redis.embedded import RedisServer
+
+    slow_script = ("local stop = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[1]) "
+                   "while tonumber(redis.call('TIME')[1]) < stop do end return 1")
+    with RedisServer(extra_args=["--busy-reply-threshold", "50"]) as server:
+        cp = ControlPlane.from_url(server.url, "busy-run", retry_s=10)
+        impatient = ControlPlane.from_url(server.url, "busy-run", retry_s=0.3)
+        for script in load_scripts().values():
+            cp.redis.script_load(script.source)
+
+        def busy(seconds):
+            blocker = server.client()
+            thread = threading.Thread(target=lambda: blocker.eval(slow_script, 0, seconds))
+            thread.start()
+            time.sleep(0.2)  # well past the threshold: every other call now gets BUSY
+            return thread
+
+        thread = busy(2)
+        assert cp.ingest_prompts([{"task_id": "t0"}]) == ["t0"]
+        thread.join()
+        assert cp.status()["prompts_pending"] == 1
+
+        thread = busy(2)
+        with pytest.raises(ScriptError, match="busy running another client's script for 0.3s"):
+            impatient.ingest_prompts([{"task_id": "t1"}])
+        thread.join()
+        assert cp.status()["prompts_pending"] == 1
