@@ -207,7 +207,7 @@ class ScriptRunner:
                 load = True
             except redis.ResponseError as exc:
                 if not str(exc).startswith("BUSY"):
-                    raise _translate(exc) from None
+                    raise translate_error(exc) from None
                 # Another client's script is still running (past busy-reply-threshold):
                 # ours was not run, so it is retried like a lost connection.
                 deadline, delay = self._wait(exc, deadline, delay)
@@ -250,7 +250,7 @@ def mapped_errors(read: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return read(*args, **kwargs)
         except redis.ResponseError as exc:
-            raise _translate(exc) from None
+            raise translate_error(exc) from None
         except redis.AuthenticationError as exc:
             raise errors.AuthenticationFailed(f"Redis refused the credentials: {exc}") from None
         except RETRYABLE as exc:
@@ -260,7 +260,8 @@ def mapped_errors(read: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _translate(exc: redis.ResponseError) -> errors.DataflowError:
+def translate_error(exc: redis.ResponseError) -> errors.DataflowError:
+    """The library's exception for an error reply of Redis or of a script."""
     message = str(exc)
     # redis-py strips the NOPERM code when it raises its NoPermissionError subclass.
     if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in message[:40]:

@@ -18,10 +18,12 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Iterable, Optional
 
+import redis
+
 from . import _args
 from .holder import LeaseHolder
 from .records import SampleRef, decode_ref
-from .scripts import RETRYABLE
+from .scripts import RETRYABLE, translate_error
 
 if TYPE_CHECKING:
     from .control_plane import ControlPlane
@@ -63,7 +65,11 @@ class Trainer(LeaseHolder):
                 return refs
             try:
                 self.cp.redis.blpop([self.cp.keys.train_signal], timeout=min(remaining, self._block_slice_s))
-            except RETRYABLE:
+            except (*RETRYABLE, redis.ResponseError) as exc:
+                # The next lease call retries or reports a lasting problem; only errors
+                # no retry can mend (an ACL without BLPOP) are raised here.
+                if isinstance(exc, redis.ResponseError) and not str(exc).startswith("BUSY"):
+                    raise translate_error(exc) from None
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     def _lease_once(self, max_refs: int, final: bool, request_id: Optional[str]) -> list[SampleRef]:

@@ -204,3 +204,35 @@ def test_wake_up_tokens_stay_capped_while_nobody_waits(cp):
         worker.commit([make_ref(cp, f"s-{t.task_id}", t.task_id) for t in tasks])
         assert cp.redis.llen(cp.keys.train_signal) == min(256, start + 30)
     assert cp.status()["queue_depth"] == 300
+
+
+def test_an_error_reply_to_the_wait_is_retried_if_transient_else_reported(cp, monkeypatch):
+    # BUSY (another client's script is running) only delays the wait; an error no
+    # retry can mend (an ACL without BLPOP) surfaces as the library's error at once.
+    import redis
+
+    from dataflow_redis import AuthenticationFailed
+
+    replies = iter([redis.ResponseError("BUSY Redis is busy running a script."), None])
+    real_blpop = cp.redis.blpop
+
+    def blpop(keys, timeout=0):
+        reply = next(replies, None)
+        if isinstance(reply, Exception):
+            raise reply
+        return real_blpop(keys, timeout=min(timeout, 0.05))
+
+    monkeypatch.setattr(cp.redis, "blpop", blpop)
+    trainer = cp.trainer("tr-busy")
+    started = time.monotonic()
+    assert trainer.lease(1, timeout_s=0.3) == []
+    assert 0.3 <= time.monotonic() - started < 2
+    cp.enqueue_offline_refs([make_ref(cp, "s-busy")])
+    assert [r.sample_id for r in trainer.lease(1, timeout_s=0.3)] == ["s-busy"]
+
+    def no_permission(keys, timeout=0):
+        raise redis.exceptions.NoPermissionError("this user has no permissions to run the 'blpop' command")
+
+    monkeypatch.setattr(cp.redis, "blpop", no_permission)
+    with pytest.raises(AuthenticationFailed, match="blpop"):
+        trainer.lease(1, timeout_s=0.3)
