@@ -148,6 +148,8 @@ def load_scripts() -> dict[str, LuaScript]:
 
 
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError)
+MAX_SCRIPT_LOADS = 5
+"""Times one call loads its script again after NOSCRIPT before it gives up."""
 
 
 class ScriptRunner:
@@ -196,6 +198,7 @@ class ScriptRunner:
         deadline = None
         delay = 0.05
         load = False
+        loads = 0
         while True:
             try:
                 if load:
@@ -204,7 +207,22 @@ class ScriptRunner:
                     load = False
                 return execute(*command)
             except redis.exceptions.NoScriptError:
+                loads += 1
+                if loads > MAX_SCRIPT_LOADS:
+                    raise errors.ScriptError(
+                        f"Redis forgot script {name} {MAX_SCRIPT_LOADS} times in one call (NOSCRIPT right "
+                        "after SCRIPT LOAD); something runs SCRIPT FLUSH in a loop, or the nodes behind "
+                        "this URL keep changing") from None
                 load = True
+            except redis.exceptions.ReadOnlyError as exc:
+                # A replica: the primary failed over, or the URL names a replica. A
+                # script fails at its first write there, so nothing was written. Drop
+                # the pooled connections (the next one resolves the host name again,
+                # as a failover endpoint needs) and retry like a lost connection.
+                pool = getattr(self.client, "connection_pool", None)  # RedisCluster redirects itself
+                if pool is not None:
+                    pool.disconnect()
+                deadline, delay = self._wait(exc, deadline, delay)
             except redis.ResponseError as exc:
                 if not str(exc).startswith("BUSY"):
                     raise translate_error(exc) from None
@@ -228,6 +246,10 @@ class ScriptRunner:
         if deadline is None:
             deadline = now + self.retry_s
         if now >= deadline:
+            if isinstance(exc, redis.exceptions.ReadOnlyError):
+                raise errors.ConnectionFailed(
+                    f"Redis answered as a read-only replica for {self.retry_s:g}s ({exc}); point the "
+                    "URL at the primary (or at an endpoint that follows failovers)") from None
             if isinstance(exc, redis.ResponseError):
                 raise errors.ScriptError(
                     f"Redis stayed busy running another client's script for {self.retry_s:g}s ({exc}); "

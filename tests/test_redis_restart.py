@@ -177,3 +177,27 @@ def test_without_aof_a_crash_loses_the_run():
         assert cp.status()["prompts"] == 0
     finally:
         server.stop()
+
+
+def test_a_call_that_meets_a_replica_retries_until_the_endpoint_is_writable():
+    """READONLY: the URL leads to a replica (a failover demoted the node, or the
+    endpoint has not moved yet). Nothing was written; the call reconnects and retries
+    within retry_s, applies once the node is a primary, and otherwise fails clearly."""
+    import threading
+
+    with RedisServer() as primary, RedisServer() as node:
+        replica_of = ["REPLICAOF", "127.0.0.1", str(primary.port)]
+        node.client().execute_command(*replica_of)
+        impatient = ControlPlane.from_url(node.url, "ro-run", retry_s=0.3)
+        with pytest.raises(ConnectionFailed, match="read-only replica for 0.3s"):
+            impatient.ingest_prompts([{"task_id": "t0"}])
+        assert impatient.status()["prompts"] == 0  # reads work on a replica; nothing was written
+
+        cp = ControlPlane.from_url(node.url, "ro-run", retry_s=10)
+        promote = threading.Timer(0.5, lambda: node.client().execute_command("REPLICAOF", "NO", "ONE"))
+        promote.start()
+        started = time.monotonic()
+        assert cp.ingest_prompts([{"task_id": "t0"}]) == ["t0"]
+        assert 0.4 <= time.monotonic() - started < 5
+        promote.join()
+        assert cp.status()["prompts"] == 1 and cp.status()["prompts_pending"] == 1

@@ -327,6 +327,29 @@ def test_calls_recover_by_themselves_after_script_flush(cp):
     assert cp.status()["samples_acked"] == 2
 
 
+def test_a_script_cache_flushed_after_every_load_ends_in_a_clear_error(cp, monkeypatch):
+    # Each SCRIPT LOAD is undone before the EVALSHA: the call gives up after
+    # MAX_SCRIPT_LOADS loads instead of looping, and says why.
+    from dataflow_redis import ScriptError
+    from dataflow_redis.scripts import MAX_SCRIPT_LOADS
+
+    real_load, loads = cp.redis.script_load, []
+
+    def load_then_flush(source):
+        sha = real_load(source)
+        cp.redis.script_flush()
+        loads.append(sha)
+        return sha
+
+    monkeypatch.setattr(cp.redis, "script_load", load_then_flush)
+    cp.redis.script_flush()
+    with pytest.raises(ScriptError, match=f"forgot script status {MAX_SCRIPT_LOADS} times"):
+        cp.status()
+    assert len(loads) == MAX_SCRIPT_LOADS
+    monkeypatch.undo()
+    assert cp.status()["prompts"] == 0  # an ordinary NOSCRIPT still recovers
+
+
 def test_calls_recover_after_the_server_restarts_empty():
     """A restart without persistence (or a failover to a replica that never saw the
     scripts): the next call reconnects and reloads its script without user action."""
