@@ -13,6 +13,7 @@ from .errors import (
     ConnectionFailed,
     DataflowError,
     InvalidArgument,
+    OutOfMemory,
     RecordTooLarge,
     ScriptError,
     StepRegression,
@@ -22,11 +23,11 @@ from .records import FeatureSpec, PromptTask, SampleRef
 from .rollout import RolloutWorker
 from .trainer import Trainer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AuthenticationFailed", "BackpressureConfig", "CapacityReport", "CapacityReporter",
     "ConfigError", "ConnectionFailed", "ControlPlane", "DataflowError", "FeatureSpec",
-    "InvalidArgument", "PromptTask", "RecordTooLarge", "RolloutWorker", "RunSettings",
+    "InvalidArgument", "OutOfMemory", "PromptTask", "RecordTooLarge", "RolloutWorker", "RunSettings",
     "SampleRef", "ScriptError", "StepRegression", "Trainer", "UnknownRun", "connect",
 ]

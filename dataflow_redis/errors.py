@@ -40,6 +40,10 @@ class AuthenticationFailed(DataflowError, PermissionError):
     """Redis refused the credentials, or the ACL user lacks a needed command or key."""
 
 
+class OutOfMemory(DataflowError, MemoryError):
+    """Redis is at its maxmemory and refused a write that adds data; nothing was written."""
+
+
 class ScriptError(DataflowError, RuntimeError):
     """A script failed in a way it did not anticipate; this is a bug in dataflow-redis."""
 

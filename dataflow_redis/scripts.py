@@ -251,7 +251,7 @@ class ScriptRunner:
                     f"Redis answered as a read-only replica for {self.retry_s:g}s ({exc}); point the "
                     "URL at the primary (or at an endpoint that follows failovers)") from None
             if isinstance(exc, redis.ResponseError):
-                raise errors.ScriptError(
+                raise errors.ConnectionFailed(
                     f"Redis stayed busy running another client's script for {self.retry_s:g}s ({exc}); "
                     "find it with SLOWLOG GET, end it with SCRIPT KILL") from None
             raise errors.ConnectionFailed(
@@ -286,6 +286,11 @@ def translate_error(exc: redis.ResponseError) -> errors.DataflowError:
     """The library's exception for an error reply of Redis or of a script."""
     message = str(exc)
     # redis-py strips the NOPERM code when it raises its NoPermissionError subclass.
+    if isinstance(exc, redis.exceptions.OutOfMemoryError) or "used memory > 'maxmemory'" in message:
+        return errors.OutOfMemory(
+            "Redis is at its maxmemory and refuses writes that add data (maxmemory-policy "
+            "noeviction); this call changed nothing. Trainers still lease, heartbeat and ack: "
+            "let them drain the queue, delete finished runs, or raise maxmemory")
     if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in message[:40]:
         return errors.AuthenticationFailed(
             f"the Redis user may not run this ({message}); see the ACL line in docs/reliability.md"

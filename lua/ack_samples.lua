@@ -49,11 +49,14 @@ for i = 1, #ids do
   end
 end
 if #acked > 0 then
-  -- The acked set first: on a run whose markers are still Redis sets (0.1.0) this
-  -- fails with WRONGTYPE before anything is written (see migrate_dedup_sets.lua).
-  idset_add(K.acked, acked)
+  -- The acked set is read before the first write: on a run whose markers are still
+  -- Redis sets (0.1.0) this fails with WRONGTYPE while nothing is written (see
+  -- migrate_dedup_sets.lua). The first write is a deletion: Redis then lets the script
+  -- run on at maxmemory, so trainers can ack (and free memory) when the rest stops.
+  local shape = {idset_shape(K.acked)}
   call_many('HDEL', K.train_leases, acked)
   call_many('ZREM', K.train_deadlines, acked)
+  idset_add(K.acked, acked, shape)
   if durable then
     call_many('HDEL', K.samples, acked)
   else

@@ -14,6 +14,9 @@ local kind, holder, lease_ms = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local leases, deadlines, registry = K.prompt_leases, K.prompt_deadlines, K.workers
 if kind == 'train' then leases, deadlines, registry = K.train_leases, K.train_deadlines, K.trainers end
 local now = now_ms()
+-- A deletion as the first write lets the heartbeat run when Redis is at maxmemory
+-- (then only writes that add data are refused, and only as a script's first write).
+redis.call('ZREM', registry, holder)
 redis.call('ZADD', registry, now, holder)
 local lost = {}
 for i = 4, #ARGV, 2 do

@@ -35,10 +35,12 @@ if cached then
 end
 
 reclaim_samples(now, ARGV[5], now_text)
-redis.call('ZADD', K.trainers, now_text, trainer)
 if cfg.backpressure and cfg.max_train_lease then max_refs = math.min(max_refs, cfg.max_train_lease) end
 
+-- LPOP is the first write (even on an empty queue): not one that adds data, so Redis
+-- lets the script run on at maxmemory and trainers keep draining the queue.
 local ids = redis.call('LPOP', K.train_queue, int_text(max_refs))
+redis.call('ZADD', K.trainers, now_text, trainer)
 local out, tokens = {}, {}
 if ids then
   local n = #ids

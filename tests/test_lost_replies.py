@@ -172,7 +172,7 @@ def test_a_call_refused_as_busy_waits_for_the_other_script_then_applies_once():
     import threading
     import time
 
-    from dataflow_redis import ScriptError
+    from dataflow_redis import ConnectionFailed
     from dataflow_redis.embedded import RedisServer
 
     slow_script = ("local stop = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[1]) "
@@ -196,7 +196,7 @@ def test_a_call_refused_as_busy_waits_for_the_other_script_then_applies_once():
         assert cp.status()["prompts_pending"] == 1
 
         thread = busy(2)
-        with pytest.raises(ScriptError, match="busy running another client's script for 0.3s"):
+        with pytest.raises(ConnectionFailed, match="busy running another client's script for 0.3s"):
             impatient.ingest_prompts([{"task_id": "t1"}])
         thread.join()
         assert cp.status()["prompts_pending"] == 1

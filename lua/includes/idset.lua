@@ -83,11 +83,14 @@ local function idset_split(key, level, split)
 end
 
 -- Add ids[1..#ids] (members already present, and repeats within the call, are
--- skipped). Returns how many were added.
-local function idset_add(key, ids)
+-- skipped). Returns how many were added. `shape` (optional): {idset_shape(key)} as
+-- the caller read it earlier in this call.
+local function idset_add(key, ids, shape)
   local n = #ids
   if n == 0 then return 0 end
-  local members, level, split = idset_shape(key)
+  local members, level, split
+  if shape then members, level, split = shape[1], shape[2], shape[3]
+  else members, level, split = idset_shape(key) end
   local fields = idset_fields(ids, level, split)
   local distinct, content = {}, {}
   for i = 1, n do

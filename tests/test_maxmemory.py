@@ -1,0 +1,61 @@
+"""A Redis at its maxmemory (policy noeviction) refuses writes that add data. Then
+producers get a clear OutOfMemory error and change nothing, while trainers keep
+draining: heartbeats, train leases and acks go through, and acks free the memory
+that lets producers go on."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import make_ref
+from dataflow_redis import ControlPlane, OutOfMemory
+from dataflow_redis.embedded import RedisServer
+
+MAXMEMORY = 4 << 20
+
+
+@pytest.fixture
+def full():
+    """A run with 60 committed samples on a Redis filled to its maxmemory."""
+    with RedisServer(extra_args=["--maxmemory", str(MAXMEMORY), "--maxmemory-policy", "noeviction"]) as server:
+        cp = ControlPlane.from_url(server.url, "full-run")
+        cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(60)])
+        worker = cp.rollout_worker("w")
+        worker.commit([make_ref(cp, f"s{i}", t.task_id) for i, t in enumerate(worker.lease(60))])
+        trainer = cp.trainer("tr")
+        leased = trainer.lease(20)
+        with pytest.raises(OutOfMemory, match="maxmemory.*changed nothing"):
+            for _ in range(10_000):
+                cp.ingest_prompts([{"payload": "x" * 4000} for _ in range(50)])
+        yield cp, trainer, leased
+
+
+def fill(cp) -> None:
+    """Ingest small tasks until Redis refuses one: it is then over its maxmemory, and
+    stays so for the next call (a refused call frees nothing)."""
+    with pytest.raises(OutOfMemory):
+        for _ in range(100_000):
+            cp.ingest_prompts([{"payload": "x" * 200}])
+
+
+def test_producers_are_refused_cleanly_while_trainers_drain(full):
+    cp, trainer, leased = full
+    fill(cp)
+    prompts = cp.status()["prompts"]
+    with pytest.raises(OutOfMemory):
+        cp.ingest_prompts([{"task_id": "more"}])
+    assert cp.status()["prompts"] == prompts  # the refused ingest wrote nothing
+
+    # Each trainer call right after a refused ingest, so Redis is over its limit.
+    fill(cp)
+    assert trainer.heartbeat() == []
+    fill(cp)
+    assert trainer.ack([r.sample_id for r in leased], global_step=1, optimizer_durable=True) == \
+        [r.sample_id for r in leased]
+    fill(cp)
+    more = trainer.lease(20)
+    assert len(more) == 20
+    fill(cp)
+    assert len(trainer.ack([r.sample_id for r in more], global_step=2, optimizer_durable=True)) == 20
+    status = cp.status()
+    assert status["samples_acked"] == 40 and status["queue_in_flight"] == 0
