@@ -298,8 +298,9 @@ def main(ctx: click.Context, redis_url: str, run_id: Optional[str], namespace: s
 
 
 # -------------------------------------------------------------------------- status
-def status_text(status: dict[str, Any], target: Target, worker_inflight: Optional[dict[str, int]] = None) -> str:
-    """The status dict as a readable table."""
+def status_text(status: dict[str, Any], target: Target, worker_inflight: Optional[dict[str, int]] = None,
+                warnings: tuple[str, ...] = ()) -> str:
+    """The status dict as a readable table, then any server warnings."""
     rows: list[tuple[str, str]] = []
 
     def section(title: str) -> None:
@@ -370,7 +371,8 @@ def status_text(status: dict[str, Any], target: Target, worker_inflight: Optiona
         row("feature age", "-" if avg is None and oldest is None else
             f"avg {fmt_value(avg)} s, oldest {fmt_value(oldest)} s")
     width = max(len(name) for name, _ in rows) + 2
-    return "\n".join(f"{name.ljust(width)}{value}".rstrip() if value else name for name, value in rows)
+    text = "\n".join(f"{name.ljust(width)}{value}".rstrip() if value else name for name, value in rows)
+    return text + "".join(f"\n\nwarning: {w}" for w in warnings)
 
 
 @main.command()
@@ -383,7 +385,7 @@ def status(target: Target, as_json: bool) -> None:
     if as_json:
         echo_json(snapshot)
     else:
-        click.echo(status_text(snapshot, target, cp.worker_inflight()))
+        click.echo(status_text(snapshot, target, cp.worker_inflight(), tuple(cp.server_warnings())))
 
 
 # --------------------------------------------------------------------------- watch

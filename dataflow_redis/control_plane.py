@@ -309,6 +309,24 @@ class ControlPlane:
         """Whether each task is done (a sample of it was committed), in order."""
         return idset.contains(self.redis, self.keys.tasks_done, _args.ids(task_ids, "task id"))
 
+    def server_warnings(self) -> list[str]:
+        """Server settings that put the run at risk, each as one sentence (empty when
+        none, or when Redis does not allow CONFIG GET, as managed services often do).
+        Today: an eviction policy other than noeviction under a maxmemory limit, which
+        lets Redis drop queue, lease and marker keys without an error."""
+        try:
+            memory = self.redis.config_get("maxmemory")
+            policy = self.redis.config_get("maxmemory-policy")
+        except redis.RedisError:
+            return []
+        limit = int(_args.text(memory.get("maxmemory", "0")) or 0)
+        policy_name = _args.text(policy.get("maxmemory-policy", "noeviction"))
+        if limit > 0 and policy_name != "noeviction":
+            return [f"maxmemory-policy is {policy_name} with maxmemory {limit} bytes: Redis may evict this "
+                    "run's queues, leases and markers when full, losing work silently; set "
+                    "maxmemory-policy noeviction (a full Redis then refuses producers cleanly)"]
+        return []
+
     @mapped_errors
     def worker_inflight(self) -> dict[str, int]:
         """In-flight prompt leases per rollout worker (O(workers); for operators)."""

@@ -111,6 +111,22 @@ def test_status_table_shows_what_redis_holds(busy_cp):
     assert "[" in out and "H" in out.split("resident", 1)[1]
 
 
+def test_status_warns_of_an_eviction_policy_that_could_drop_the_run(busy_cp):
+    assert "warning" not in cli(*base(busy_cp), "status").stdout  # the test server: no maxmemory
+    from dataflow_redis import ControlPlane
+    from dataflow_redis.embedded import RedisServer
+
+    with RedisServer(extra_args=["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru"]) as server:
+        cp = ControlPlane.from_url(server.url, "lru-run")
+        cp.ingest_prompts([{"task_id": "t0"}])
+        [warning] = cp.server_warnings()
+        assert "maxmemory-policy is allkeys-lru" in warning and "noeviction" in warning
+        result = cli("--redis-url", server.url, "--run", "lru-run", "status")
+        assert result.exit_code == 0 and result.stdout.rstrip().endswith("warning: " + warning)
+        server.client().config_set("maxmemory-policy", "noeviction")
+        assert cp.server_warnings() == []
+
+
 def test_status_json_is_exactly_the_api_dict(busy_cp):
     result = cli(*base(busy_cp), "status", "--json")
     assert result.exit_code == 0, result.stderr
