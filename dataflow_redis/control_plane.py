@@ -20,6 +20,7 @@ atomic there.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from dataclasses import asdict, fields
@@ -62,6 +63,19 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
         raise InvalidArgument(
             f"bad Redis URL: {exc}; use redis://[user:password@]host:port/db, rediss://... or unix:///path"
         ) from None
+
+
+def _content_digest(items: Iterable[Iterable[Any]]) -> str:
+    """A short digest of a producer call's content, for its reply-cache key. Producers
+    have no caller id: with the content in the key, two producers that happen to pass
+    the same request id each get their own reply, while a retry of the same call
+    finds the first one."""
+    digest = hashlib.blake2b(digest_size=8)
+    for item in items:
+        for part in item:
+            digest.update(str(part).encode("utf-8", "surrogatepass"))
+            digest.update(b"\0")
+    return digest.hexdigest()
 
 
 class ControlPlane:
@@ -122,9 +136,9 @@ class ControlPlane:
     def ingest_prompts(self, tasks: Iterable[Any], request_id: Optional[str] = None) -> list[str]:
         """Append prompt tasks (PromptTask or dicts) to pending; ids are generated when
         absent. Returns the ids that were fresh (an id already known is skipped).
-        Every task is validated before anything is written. A repeated ``request_id``
-        returns the first call's reply (for 30 s, ``reply_ttl_s``) whoever sends it:
-        keep it unique per request across producers."""
+        Every task is validated before anything is written. A call repeated with the
+        same ``request_id`` and the same tasks returns the first call's reply (kept
+        ``reply_ttl_s``, 30 s by default) and adds nothing."""
         if isinstance(tasks, (str, bytes, dict)):
             raise InvalidArgument("tasks must be a list of PromptTask or dicts")
         items = list(tasks)
@@ -145,6 +159,7 @@ class ControlPlane:
                     raise RecordTooLarge(
                         f"record {task_id} is {size} bytes of JSON, over max_record_bytes={limit}; "
                         "keep large data in the feature store or raise max_record_bytes")
+        given = request_id is not None
         request_id = request_id or uuid.uuid4().hex
         fresh: list[str] = []
         for start in range(0, len(encoded), INGEST_CHUNK):
@@ -152,17 +167,21 @@ class ControlPlane:
             args: list = [len(chunk)]
             for item in chunk:
                 args.extend(item)
-            fresh += [_args.text(i) for i in self._run("ingest_prompts", args, f"{request_id}.{start}")]
+            # Generated ids differ on every call, so a retry is recognised by the rest.
+            scope = _content_digest(("" if generated else task_id, size, record)
+                                    for task_id, size, generated, record in chunk) if given else ""
+            fresh += [_args.text(i) for i in self._run("ingest_prompts", args, f"{request_id}.{start}", scope)]
         return fresh
 
     def enqueue_offline_refs(self, refs: Iterable[SampleRef], request_id: Optional[str] = None) -> list[str]:
         """Put offline sample refs straight into the train queue. Returns fresh ids.
-        ``request_id`` as for :meth:`ingest_prompts` (unique per request)."""
+        ``request_id`` as for :meth:`ingest_prompts`."""
         checked = check_refs(refs, self.run_id)
         args: list = ["", 1, len(checked)]
         for ref in checked:
             args += [ref.sample_id, ref.source_task_id or "", "", encode_ref(ref)]
-        return [_args.text(s) for s in self._run("commit_samples", args, request_id)]
+        scope = _content_digest([args[3:]]) if request_id is not None else ""
+        return [_args.text(s) for s in self._run("commit_samples", args, request_id, scope)]
 
     # ---------------------------------------------------------------- clients
     def rollout_worker(self, worker_id: Optional[str] = None, lease_s: float = 60.0) -> RolloutWorker:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import dump_run, make_ref
-from dataflow_redis import idset
+from dataflow_redis import ControlPlane, idset
 
 
 def redis_now_ms(client) -> int:
@@ -258,6 +258,25 @@ def test_retried_ingest_and_fail_apply_once(cp):
     assert w.fail(ids[:1], "boom", retryable=True, request_id="fail-1") == ids[:1]
     assert int(cp.redis.hget(cp.keys.task_attempts, ids[0])) == 1
     assert cp.redis.llen(cp.keys.pending) == 1
+
+
+def test_producers_reusing_a_request_id_each_apply_and_retries_still_apply_once(make_cp):
+    # Producers have no caller id: the reply cache keys their calls by content too, so
+    # two producers that pass the same request id are not handed each other's reply.
+    cp = make_cp()
+    other = ControlPlane(cp.redis, cp.run_id, cp.keys.namespace)
+    first = cp.ingest_prompts([{"payload": "a"}, {"payload": "b"}], request_id="batch-1")
+    second = other.ingest_prompts([{"payload": "c"}], request_id="batch-1")
+    assert len(first) == 2 and len(second) == 1 and cp.status()["prompts"] == 3
+    # A retry of the same call (its generated ids differ) replays the first reply.
+    assert cp.ingest_prompts([{"payload": "a"}, {"payload": "b"}], request_id="batch-1") == first
+    assert cp.ingest_prompts([{"task_id": "t9", "payload": "x"}], request_id="batch-2") == ["t9"]
+    assert cp.ingest_prompts([{"task_id": "t9", "payload": "x"}], request_id="batch-2") == ["t9"]
+    assert cp.status()["prompts"] == 4
+    assert cp.enqueue_offline_refs([make_ref(cp, "s1")], request_id="off-1") == ["s1"]
+    assert other.enqueue_offline_refs([make_ref(cp, "s2")], request_id="off-1") == ["s2"]
+    assert cp.enqueue_offline_refs([make_ref(cp, "s1")], request_id="off-1") == ["s1"]
+    assert cp.status()["queue_depth"] == 2
 
 
 @pytest.mark.parametrize("bad", [["a b"], [""], "s0", [None], ["x" * 257]])
