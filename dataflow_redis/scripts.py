@@ -224,7 +224,7 @@ class ScriptRunner:
                     pool.disconnect()
                 deadline, delay = self._wait(exc, deadline, delay)
             except redis.ResponseError as exc:
-                if not str(exc).startswith("BUSY"):
+                if not is_busy(exc):
                     raise translate_error(exc) from None
                 # Another client's script is still running (past busy-reply-threshold):
                 # ours was not run, so it is retried like a lost connection.
@@ -280,6 +280,12 @@ def mapped_errors(read: Callable[..., Any]) -> Callable[..., Any]:
                 f"Redis unreachable ({exc}); check that it is running and that the URL is right") from None
 
     return wrapper
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis's BUSY reply: another client's script is running past
+    busy-reply-threshold, and the refused command was not run (safe to retry)."""
+    return isinstance(exc, redis.ResponseError) and str(exc).startswith("BUSY")
 
 
 def translate_error(exc: redis.ResponseError) -> errors.DataflowError:

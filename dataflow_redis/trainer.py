@@ -23,7 +23,7 @@ import redis
 from . import _args
 from .holder import LeaseHolder
 from .records import SampleRef, decode_ref
-from .scripts import RETRYABLE, translate_error
+from .scripts import RETRYABLE, is_busy, translate_error
 
 if TYPE_CHECKING:
     from .control_plane import ControlPlane
@@ -68,7 +68,7 @@ class Trainer(LeaseHolder):
             except (*RETRYABLE, redis.ResponseError) as exc:
                 # The next lease call retries or reports a lasting problem; only errors
                 # no retry can mend (an ACL without BLPOP) are raised here.
-                if isinstance(exc, redis.ResponseError) and not str(exc).startswith("BUSY"):
+                if isinstance(exc, redis.ResponseError) and not is_busy(exc):
                     raise translate_error(exc) from None
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 

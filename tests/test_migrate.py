@@ -5,7 +5,7 @@ does in bounded chunks, safely interrupted and repeated."""
 from __future__ import annotations
 
 
-from conftest import cli_runner, make_ref
+from conftest import cli_runner, dump_run, make_ref
 from dataflow_redis import ScriptError, idset
 from dataflow_redis.cli import main
 
@@ -75,12 +75,6 @@ def redis_url_of(cp):
     return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"
 
 
-def snapshot(cp):
-    """Every key of the run with its serialized value: equal snapshots, equal state."""
-    r = cp.redis
-    return {key: r.dump(key) for key in r.scan_iter(match=cp.keys.pattern(), count=1000)}
-
-
 def test_calls_on_an_unmigrated_run_change_nothing(cp):
     """A script that meets an old-layout marker set refuses before its first write, even
     when its other reads succeed: an ack, a recovery requeue and a holder's duplicate
@@ -98,7 +92,7 @@ def test_calls_on_an_unmigrated_run_change_nothing(cp):
         members = idset.members(r, key)
         r.delete(key)
         r.sadd(key, *members)
-    before = snapshot(cp)
+    before = dump_run(cp)
     calls = {
         "ack": lambda: trainer.ack([refs[1].sample_id], global_step=6, optimizer_durable=True),
         "requeue_undurable": lambda: cp.requeue_undurable(after_step=0),
@@ -112,7 +106,7 @@ def test_calls_on_an_unmigrated_run_change_nothing(cp):
             raise AssertionError(f"{name} was accepted on an old-layout run")
         except ScriptError as exc:
             assert "migrate" in str(exc), name
-        assert snapshot(cp) == before, f"{name} changed the run before refusing"
+        assert dump_run(cp) == before, f"{name} changed the run before refusing"
     # What needs no marker goes on: ingest of a generated id, its lease, status.
     [fresh] = cp.ingest_prompts([{"payload": "p"}])
     assert [t.task_id for t in worker.lease(1)] == [fresh] and cp.status()["prompts"] == 5
