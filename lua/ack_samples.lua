@@ -4,7 +4,7 @@
 -- KEYS: config counters samples train_leases train_deadlines acked undurable durable
 --       ack_log reply
 -- ARGV: [1] trainer_id  [2] global_step ('' = none)  [3] optimizer_durable (1/0)
---       then pairs at 4 + 2i: sample_id, lease token ('' = any of this trainer's)
+--       then pairs at 4 + 2i: sample_id, the grant's lease token (no other token holds it)
 -- Returns: the sample ids newly acked (held by this trainer under a live lease).
 --   Unknown, unleased, already-acked or fenced ids ack nothing.
 -- Errors: STEP when global_step is below the recorded durable.global_step (nothing

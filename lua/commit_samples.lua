@@ -6,8 +6,8 @@
 --       bp reply
 -- ARGV: [1] worker_id ('' for offline refs)  [2] offline (1 = no source lease check)
 --       [3] count, then per ref i (0-based) at 4 + 4i:
---         sample_id, source_task_id ('' = none), lease token ('' = any of this
---         worker's), record JSON
+--         sample_id, source_task_id ('' = none), the source lease's token (no
+--         other token holds it), record JSON
 -- Returns: the sample ids that were fresh and accepted, in call order.
 -- Errors:  TOOLARGE (a record over max_record_bytes): nothing is written.
 -- Fencing: a ref whose source task is not leased to this worker (expired and

@@ -3,7 +3,7 @@
 -- KEYS: config counters task_attempts pending prompt_leases prompt_deadlines
 --       worker_inflight dlq bp events reply
 -- ARGV: [1] worker_id  [2] reason  [3] retryable (1/0)
---       then pairs at 4 + 2i: task_id, lease token ('' = any of this worker's)
+--       then pairs at 4 + 2i: task_id, the grant's lease token (no other token holds it)
 -- Returns: the task ids actually affected (only leases this worker holds).
 -- Effect: retryable -> attempt + 1 and back to the tail of pending, or dead-lettered
 --   with "attempts exhausted" once max_prompt_attempts is reached; not retryable ->

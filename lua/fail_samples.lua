@@ -3,7 +3,7 @@
 -- KEYS: config counters samples train_queue train_leases train_deadlines train_signal
 --       failed_samples reply
 -- ARGV: [1] trainer_id  [2] reason  [3] retryable (1/0)
---       then pairs at 4 + 2i: sample_id, lease token ('' = any of this trainer's)
+--       then pairs at 4 + 2i: sample_id, the grant's lease token (no other token holds it)
 -- Returns: the sample ids actually affected (only live leases this trainer holds; an
 --   acked or re-granted ref is never touched, so it is never requeued).
 -- Effect: retryable -> back to the tail of the train queue; otherwise terminal: the

@@ -32,13 +32,14 @@ def without_replies(dump: dict) -> dict:
     return {k: v for k, v in dump.items() if ":reply:" not in k}
 
 
-def regrant_prompt(cp, task_id="t0"):
-    """Lease task_id to 'late' with a tiny lease, let it expire, re-grant it to 'new'."""
-    late = cp.rollout_worker(worker_id="late", lease_s=0.05)
+def regrant_prompt(cp, task_id="t0", late_id="late", new_id="new"):
+    """Lease task_id to worker late_id with a tiny lease, let it expire, re-grant it to
+    a new client with id new_id (the same id: a restarted process)."""
+    late = cp.rollout_worker(worker_id=late_id, lease_s=0.05)
     (task,) = late.lease(1)
     assert task.task_id == task_id
     wait_past(cp.redis, cp.redis.zscore(cp.keys.prompt_deadlines, task_id))
-    new = cp.rollout_worker(worker_id="new", lease_s=30)
+    new = cp.rollout_worker(worker_id=new_id, lease_s=30)
     (task,) = new.lease(1)
     assert (task.task_id, task.attempt) == (task_id, 1)
     return late, new
@@ -63,13 +64,31 @@ def test_late_commit_from_an_expired_and_regranted_lease_is_rejected(cp):
 
 def test_late_commit_is_fenced_even_when_the_same_worker_id_got_the_task_back(cp):
     cp.ingest_prompts([{"task_id": "t0"}])
-    first = cp.rollout_worker(worker_id="w", lease_s=0.05)
-    first.lease(1)
-    wait_past(cp.redis, cp.redis.zscore(cp.keys.prompt_deadlines, "t0"))
-    second = cp.rollout_worker(worker_id="w", lease_s=30)  # a restarted process, same id
-    second.lease(1)
+    first, second = regrant_prompt(cp, late_id="w", new_id="w")
     assert first.commit([make_ref(cp, "old", "t0")]) == []  # stale fencing token
     assert second.commit([make_ref(cp, "fresh", "t0")]) == ["fresh"]
+
+
+def test_a_stale_client_stays_fenced_after_its_heartbeat_reported_the_lease_lost(cp):
+    """The heartbeat drops the tokens of lost leases; the stale client's next hand-back
+    then carries no token, and no token holds nothing (it used to mean "any lease of
+    this holder id", which let a restarted process's lease be taken over)."""
+    cp.ingest_prompts([{"task_id": "t0"}])
+    old, new = regrant_prompt(cp, late_id="w", new_id="w")
+    assert old.heartbeat() == ["t0"] and old.held == []
+    assert old.commit([make_ref(cp, "s-old", "t0")]) == []
+    assert old.fail(["t0"], "late") == []
+    assert new.commit([make_ref(cp, "s-new", "t0")]) == ["s-new"]
+
+    old_trainer = cp.trainer(trainer_id="tr", lease_s=0.05)
+    old_trainer.lease(1)
+    wait_past(cp.redis, cp.redis.zscore(cp.keys.train_deadlines, "s-new"))
+    new_trainer = cp.trainer(trainer_id="tr", lease_s=30)
+    assert [r.sample_id for r in new_trainer.lease(1)] == ["s-new"]
+    assert old_trainer.heartbeat() == ["s-new"]
+    assert old_trainer.ack(["s-new"], global_step=1) == []
+    assert old_trainer.fail(["s-new"], "late") == []
+    assert new_trainer.ack(["s-new"], global_step=1) == ["s-new"]
 
 
 def test_late_fail_from_an_expired_and_regranted_lease_is_rejected(cp):

@@ -78,12 +78,14 @@ local function parse_lease(value)
   return token, tonumber(bytes), tonumber(granted), holder
 end
 
--- Fencing: a caller holds a lease only if it is the recorded holder and, when it
--- presents a token, the token is the current grant's.
+-- Fencing: a caller holds a lease only if it is the recorded holder and presents the
+-- current grant's token. No token (a client that never got this grant: another
+-- process under the same holder id, or one that dropped the token when a heartbeat
+-- reported the lease lost) holds nothing.
 local function holds(value, holder, token)
   if not value then return false end
   local t, h = string.match(value, '^(%d+)|%d+|%d+|(.*)$')
-  return h == holder and (token == '' or token == t)
+  return h == holder and token == t
 end
 
 -- Batched commands: one call per command for a whole batch instead of one per item
