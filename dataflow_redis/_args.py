@@ -38,6 +38,13 @@ def ids(values: Any, what: str) -> list[str]:
     return out
 
 
+def request_id(value: Any) -> str:
+    """A caller's request id: the same rules as an item id (a str, 1-256 printable
+    ASCII characters without spaces). An empty one would silently turn the retry
+    protection off."""
+    return validate_item_id(value, "request id")
+
+
 def reason(value: Any) -> str:
     """A failure reason: a string, cut to MAX_REASON_CHARS."""
     if not isinstance(value, str):

@@ -88,8 +88,10 @@ class CapacityReporter:
             raise InvalidArgument(f"seq must be an int >= 1, got {seq!r}")
         args[1] = seq if seq is not None else self._next_seq()
         accepted, paused, total = self.cp._run("report_capacity", args)
-        if not accepted and seq is None:
-            self._seq = None  # someone else reported for this shard: resync next time
+        if not accepted:
+            self._seq = None  # a newer report is recorded for this shard: resync next time
+        elif seq is not None:
+            self._seq = seq  # the next default continues from the caller's number
         return CapacityReport(bool(accepted), bool(paused), int(total))
 
     def report_health(self, health: Mapping[str, Any]) -> CapacityReport:

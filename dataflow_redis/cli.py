@@ -40,6 +40,7 @@ from .control_plane import ControlPlane, connect
 from .errors import (AuthenticationFailed, ConfigError, ConnectionFailed, DataflowError,
                      InvalidArgument, UnknownRun)
 from .keys import DEFAULT_NAMESPACE, runs_patterns, validate_namespace, validate_run_id
+from .scripts import translate_error
 
 DEFAULT_URL = "redis://localhost:6379/0"
 CLI_RETRY_S = 3.0
@@ -47,6 +48,19 @@ CLI_RETRY_S = 3.0
 
 EXIT_ERROR, EXIT_BAD_VALUE, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_UNKNOWN_RUN = 1, 2, 3, 4, 5
 KIB = 1024
+
+
+class Seconds(click.FloatRange):
+    """A finite number in [min, max]: click's FloatRange lets nan through (every
+    comparison with nan is false), and a sleep or deadline of nan fails much later."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> float:
+        number = super().convert(value, param, ctx)
+        if number != number:
+            self.fail(f"{value!r} is not a number", param, ctx)
+        return number
 
 
 # ----------------------------------------------------------------- formatting helpers
@@ -211,6 +225,8 @@ def cli_error(exc: BaseException, target: Optional[Target]) -> click.ClickExcept
             isinstance(exc, redis.ResponseError) and text.split(" ", 1)[0] in ("WRONGPASS", "NOAUTH")):
         message, code = (f"{where}: Redis refused the credentials ({text}); check the user and password "
                          "in --redis-url / DATAFLOW_REDIS_URL"), EXIT_AUTH
+    elif isinstance(exc, redis.ResponseError) and text.startswith("DB index is out of range"):
+        return cli_error(translate_error(exc), target)
     elif isinstance(exc, ConnectionFailed):
         message, code = f"cannot reach Redis at {where}: {text}", EXIT_UNREACHABLE
     elif isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
@@ -430,7 +446,7 @@ def watch_frame(status: dict[str, Any], previous: Optional[dict[str, Any]], targ
 
 
 @main.command()
-@click.option("--interval", type=click.FloatRange(min=0.05), default=1.0, show_default=True,
+@click.option("--interval", type=Seconds(0.05, 3600), default=1.0, show_default=True,
               help="Seconds between refreshes.")
 @click.option("--iterations", type=click.IntRange(min=1), default=None,
               help="Stop after this many refreshes (default: until Ctrl-C).")
@@ -622,28 +638,40 @@ def events(target: Target, count: int, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 @pass_target
 def runs(target: Target, as_json: bool) -> None:
-    """Runs in the namespace (any run with a config or counters), with a few figures each."""
+    """Runs in the namespace (any run with a config, counters or backpressure state), with
+    a few figures each. A run whose status cannot be read is listed with the reason."""
     client = target.client()
     run_ids = set()
     for pattern in runs_patterns(target.namespace):
         prefix = pattern.split("{", 1)[0]
         run_ids |= {key[len(prefix) + 1:key.rindex("}")] for key in client.scan_iter(match=pattern, count=1000)}
-    run_ids = sorted(run_ids)
-    found = []
-    for run_id in run_ids:
-        s = ControlPlane(client, run_id, target.namespace, retry_s=CLI_RETRY_S).status()
+    found, odd = [], []
+    for run_id in sorted(run_ids):
+        try:
+            s = ControlPlane(client, run_id, target.namespace, retry_s=CLI_RETRY_S).status()
+        except InvalidArgument:
+            odd.append(run_id)  # a key under the namespace that no version of this tool wrote
+            continue
+        except (AuthenticationFailed, ConnectionFailed):
+            raise
+        except DataflowError as exc:
+            found.append({"run_id": run_id, "error": str(exc)})
+            continue
         bp = s.get("backpressure") or {}
         found.append({"run_id": run_id, "prompts": s["prompts"], "prompts_pending": s["prompts_pending"],
                       "samples_acked": s["samples_acked"], "train_backlog": s["train_backlog"],
                       "paused": bool(bp.get("paused") or s["operator_pause"]),
                       "resident_bytes": bp.get("resident_bytes")})
+    if odd:
+        click.echo(f"warning: skipped keys whose run id is not valid: {', '.join(map(repr, odd))}", err=True)
     if as_json:
         echo_json(found)
         return
     if not found:
         click.echo(f"no runs in namespace {target.namespace!r} at {target.masked_url}")
         return
-    click.echo(table([[r["run_id"], r["prompts"], r["prompts_pending"], r["samples_acked"], r["train_backlog"],
+    click.echo(table([[r["run_id"], "-", "-", "-", "-", "error: " + r["error"], "-"] if "error" in r else
+                      [r["run_id"], r["prompts"], r["prompts_pending"], r["samples_acked"], r["train_backlog"],
                        "PAUSED" if r["paused"] else "running", fmt_bytes(r["resident_bytes"])] for r in found],
                      ["run", "prompts", "pending", "acked", "backlog", "state", "resident"]))
 
@@ -726,8 +754,8 @@ def summary_text(s: dict[str, Any]) -> str:
               help="Low watermark, bytes [262144].")
 @click.option("--store-cap", "store_cap_bytes", type=click.IntRange(min=1), default=None,
               help="Simulated store hard cap, bytes [786432].")
-@click.option("--rollout-ms", type=click.FloatRange(min=0.1), default=None, help="Generation time per sample [30].")
-@click.option("--train-step-ms", type=click.FloatRange(min=0.1), default=None,
+@click.option("--rollout-ms", type=Seconds(0.1, 60_000), default=None, help="Generation time per sample [30].")
+@click.option("--train-step-ms", type=Seconds(0.1, 600_000), default=None,
               help="Time per training step of --train-batch samples [160].")
 @click.option("--train-batch", type=click.IntRange(1, 1024), default=None, help="Samples per training step [8].")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary, as one JSON object, on stdout.")
@@ -735,7 +763,7 @@ def summary_text(s: dict[str, Any]) -> str:
               help="Write a PNG of resident and reserved bytes against the watermarks (needs [plot]).")
 @click.option("--keep/--cleanup", default=None,
               help="Keep the run's keys at the end (default: keep on --redis-url, the private server goes anyway).")
-@click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=300.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=Seconds(1, 86_400), default=300.0, show_default=True,
               help="Give up after this many seconds.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.pass_context

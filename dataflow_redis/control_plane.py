@@ -20,11 +20,10 @@ atomic there.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import uuid
 from dataclasses import asdict, fields
 from typing import Any, Iterable, Optional
+from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -34,7 +33,7 @@ from . import _args, idset
 from .capacity import CapacityReporter
 from .config import DEFAULT_MAX_RECORD_BYTES, BackpressureConfig, RunSettings, from_redis, to_redis_pairs
 from .errors import ConfigError, InvalidArgument, RecordTooLarge
-from .keys import DEFAULT_NAMESPACE, RunKeys
+from .keys import DEFAULT_NAMESPACE, RUN_MARKERS, RunKeys
 from .records import PromptTask, SampleRef, check_refs, encode_ref, encode_task, task_from_input
 from .rollout import RolloutWorker
 from .scripts import ScriptRunner, mapped_errors
@@ -56,6 +55,13 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
                    health_check_interval=30, retry=Retry(NoBackoff(), 1))
     if url.startswith("unix://"):
         del options["socket_keepalive"]  # a TCP option: unix socket connections refuse it
+    elif isinstance(url, str):
+        # redis-py reads a database it cannot parse as database 0: a typo would steer
+        # another database's runs.
+        database = unquote(urlsplit(url).path).strip("/")
+        if database and not database.isdigit():
+            raise InvalidArgument(
+                f"bad Redis URL: database {database!r} is not a number; use redis://host:port/<db number>")
     options.update(kwargs)
     try:
         return redis.Redis.from_url(url, **options)
@@ -63,19 +69,6 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
         raise InvalidArgument(
             f"bad Redis URL: {exc}; use redis://[user:password@]host:port/db, rediss://... or unix:///path"
         ) from None
-
-
-def _content_digest(items: Iterable[Iterable[Any]]) -> str:
-    """A short digest of a producer call's content, for its reply-cache key. Producers
-    have no caller id: with the content in the key, two producers that happen to pass
-    the same request id each get their own reply, while a retry of the same call
-    finds the first one."""
-    digest = hashlib.blake2b(digest_size=8)
-    for item in items:
-        for part in item:
-            digest.update(str(part).encode("utf-8", "surrogatepass"))
-            digest.update(b"\0")
-    return digest.hexdigest()
 
 
 class ControlPlane:
@@ -139,8 +132,8 @@ class ControlPlane:
         Every task is validated before anything is written. A call repeated with the
         same ``request_id`` and the same tasks returns the first call's reply (kept
         ``reply_ttl_s``, 30 s by default) and adds nothing."""
-        if isinstance(tasks, (str, bytes, dict)):
-            raise InvalidArgument("tasks must be a list of PromptTask or dicts")
+        if isinstance(tasks, (str, bytes, dict)) or not isinstance(tasks, Iterable):
+            raise InvalidArgument(f"tasks must be a list of PromptTask or dicts, got {type(tasks).__name__}")
         items = list(tasks)
         checked = [task_from_input(t, self.run_id) for t in items]
         # An id generated here (96 random bits) cannot be done already: the script skips
@@ -150,17 +143,9 @@ class ControlPlane:
                     encode_task(t))
                    for item, t in zip(items, checked)]
         if len(encoded) > INGEST_CHUNK:
-            # Several script calls: check every size first, so a record that is too
-            # large cannot leave the chunks before it already written.
-            limit = self.settings().max_record_bytes or DEFAULT_MAX_RECORD_BYTES
-            for task_id, _, _, record in encoded:
-                size = len(record.encode())
-                if size > limit:
-                    raise RecordTooLarge(
-                        f"record {task_id} is {size} bytes of JSON, over max_record_bytes={limit}; "
-                        "keep large data in the feature store or raise max_record_bytes")
-        given = request_id is not None
-        request_id = request_id or uuid.uuid4().hex
+            self._check_record_sizes((task_id, record) for task_id, _, _, record in encoded)
+        if request_id is not None:
+            _args.request_id(request_id)
         fresh: list[str] = []
         for start in range(0, len(encoded), INGEST_CHUNK):
             chunk = encoded[start:start + INGEST_CHUNK]
@@ -168,20 +153,41 @@ class ControlPlane:
             for item in chunk:
                 args.extend(item)
             # Generated ids differ on every call, so a retry is recognised by the rest.
-            scope = _content_digest(("" if generated else task_id, size, record)
-                                    for task_id, size, generated, record in chunk) if given else ""
-            fresh += [_args.text(i) for i in self._run("ingest_prompts", args, f"{request_id}.{start}", scope)]
+            content = [part for task_id, size, generated, record in chunk
+                       for part in ("" if generated else task_id, size, record)]
+            fresh += [_args.text(i) for i in self._run(
+                "ingest_prompts", args, None if request_id is None else f"{request_id}.{start}", content=content)]
         return fresh
 
     def enqueue_offline_refs(self, refs: Iterable[SampleRef], request_id: Optional[str] = None) -> list[str]:
         """Put offline sample refs straight into the train queue. Returns fresh ids.
         ``request_id`` as for :meth:`ingest_prompts`."""
         checked = check_refs(refs, self.run_id)
-        args: list = ["", 1, len(checked)]
-        for ref in checked:
-            args += [ref.sample_id, ref.source_task_id or "", "", encode_ref(ref)]
-        scope = _content_digest([args[3:]]) if request_id is not None else ""
-        return [_args.text(s) for s in self._run("commit_samples", args, request_id, scope)]
+        if len(checked) > INGEST_CHUNK:
+            self._check_record_sizes((ref.sample_id, encode_ref(ref)) for ref in checked)
+        if request_id is not None:
+            _args.request_id(request_id)
+        fresh: list[str] = []
+        for start in range(0, len(checked), INGEST_CHUNK):
+            chunk = checked[start:start + INGEST_CHUNK]
+            args: list = ["", 1, len(chunk)]
+            for ref in chunk:
+                args += [ref.sample_id, ref.source_task_id or "", "", encode_ref(ref)]
+            fresh += [_args.text(s) for s in self._run(
+                "commit_samples", args, None if request_id is None else f"{request_id}.{start}")]
+        return fresh
+
+    def _check_record_sizes(self, records: Iterable[tuple[str, str]]) -> None:
+        """Refuse a call split over several script calls when any (id, record JSON) is
+        over max_record_bytes, before the first chunk is written (each script checks
+        only its own chunk)."""
+        limit = self.settings().max_record_bytes or DEFAULT_MAX_RECORD_BYTES
+        for item_id, record in records:
+            size = len(record.encode())
+            if size > limit:
+                raise RecordTooLarge(
+                    f"record {item_id} is {size} bytes of JSON, over max_record_bytes={limit}; "
+                    "keep large data in the feature store or raise max_record_bytes")
 
     # ---------------------------------------------------------------- clients
     def rollout_worker(self, worker_id: Optional[str] = None, lease_s: float = 60.0) -> RolloutWorker:
@@ -258,8 +264,7 @@ class ControlPlane:
     @mapped_errors
     def exists(self) -> bool:
         """Whether this run has any state in Redis."""
-        k = self.keys
-        return bool(self.redis.exists(k.config, k.counters, k.bp))
+        return bool(self.redis.exists(*(getattr(self.keys, name) for name in RUN_MARKERS)))
 
     @mapped_errors
     def events(self, count: int = 100) -> list[dict[str, Any]]:

@@ -44,10 +44,15 @@ class LeaseHolder:
                    request_id: Optional[str]) -> list[str]:
         """Run a script whose ARGV is ``head`` then (id, token) pairs and which releases
         those leases; returns the ids it affected. The ids stop being held either way."""
+        ids = list(ids)
         args = list(head)
         for item_id in ids:
             args += [item_id, self._tokens.get(item_id, "")]
-        affected = [_args.text(i) for i in self.cp._run(script, args, request_id, scope=self.holder_id)]
+        # The tokens stay out of the reply-cache content: a retry after the first try
+        # went through (and dropped them) must still find its reply.
+        content = None if request_id is None else [*head, *ids]
+        affected = [_args.text(i) for i in self.cp._run(script, args, request_id, scope=self.holder_id,
+                                                        content=content)]
         for item_id in ids:
             self._tokens.pop(item_id, None)
         return affected

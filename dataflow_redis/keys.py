@@ -50,15 +50,16 @@ DEFAULT_NAMESPACE = "dfr"
 
 # Letters, digits and . _ - : only. Braces would break the hash tag; whitespace and
 # control characters would make keys unreadable in redis-cli; 128 characters is plenty.
-_RUN_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_NAMESPACE = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
+# fullmatch, not match with "$": "$" also matches before a final newline.
+_RUN_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_NAMESPACE = re.compile(r"[A-Za-z0-9._-]{1,32}")
 # Ids of tasks, samples, workers, trainers and shards: printable, no whitespace.
-_ITEM_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+_ITEM_ID = re.compile(r"[\x21-\x7e]{1,256}")
 
 
 def validate_run_id(run_id: object) -> str:
     """Return ``run_id`` if it can name a run, else raise :class:`InvalidArgument`."""
-    if not isinstance(run_id, str) or not _RUN_ID.match(run_id):
+    if not isinstance(run_id, str) or not _RUN_ID.fullmatch(run_id):
         raise InvalidArgument(
             f"invalid run id {run_id!r}: use 1-128 characters from letters, digits and . _ - : "
             "(braces and whitespace would break the {run} hash tag)"
@@ -68,7 +69,7 @@ def validate_run_id(run_id: object) -> str:
 
 def validate_namespace(namespace: object) -> str:
     """Return ``namespace`` if it can prefix keys, else raise :class:`InvalidArgument`."""
-    if not isinstance(namespace, str) or not _NAMESPACE.match(namespace):
+    if not isinstance(namespace, str) or not _NAMESPACE.fullmatch(namespace):
         raise InvalidArgument(
             f"invalid namespace {namespace!r}: use 1-32 characters from letters, digits and . _ -"
         )
@@ -77,7 +78,7 @@ def validate_namespace(namespace: object) -> str:
 
 def validate_item_id(item_id: object, what: str) -> str:
     """Return ``item_id`` if it is a usable id (printable ASCII, no spaces, <= 256 chars)."""
-    if not isinstance(item_id, str) or not _ITEM_ID.match(item_id):
+    if not isinstance(item_id, str) or not _ITEM_ID.fullmatch(item_id):
         raise InvalidArgument(
             f"invalid {what} {item_id!r}: ids are 1-256 printable ASCII characters without spaces"
         )
@@ -116,8 +117,12 @@ class RunKeys:
         return self.prefix + "*"  # run ids hold no glob characters
 
 
+RUN_MARKERS = ("config", "counters", "bp")
+"""A run exists once one of these keys does: its config (configured), its counters
+(anything ingested or committed) or its backpressure state (a shard reported)."""
+
+
 def runs_patterns(namespace: str = DEFAULT_NAMESPACE) -> list[str]:
-    """SCAN patterns that find every run in ``namespace``: a run has a config hash once
-    configured and a counters hash once anything was ingested or committed."""
+    """SCAN patterns that find every run in ``namespace`` (one per RUN_MARKERS key)."""
     ns = validate_namespace(namespace)
-    return [f"{ns}:{{*}}:config", f"{ns}:{{*}}:counters"]
+    return [f"{ns}:{{*}}:{name}" for name in RUN_MARKERS]

@@ -41,7 +41,7 @@ class FeatureSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise InvalidArgument(f"FeatureSpec.name must be a non-empty string, got {self.name!r}")
-        if self.dtype not in DTYPES:
+        if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise InvalidArgument(
                 f"FeatureSpec {self.name!r}: unsupported dtype {self.dtype!r}; "
                 f"use one of {', '.join(sorted(DTYPES))}"
@@ -249,7 +249,7 @@ def task_from_input(item: Any, run_id: str) -> PromptTask:
     elif _is_mapping(item):
         unknown = set(item) - _TASK_FIELD_NAMES
         if unknown:
-            raise InvalidArgument(f"unknown prompt task field(s): {', '.join(sorted(unknown))}")
+            raise InvalidArgument(f"unknown prompt task field(s): {', '.join(sorted(map(repr, unknown)))}")
         data = dict(item)
         data.setdefault("run_id", run_id)
         if data.get("task_id") is None:
@@ -350,7 +350,8 @@ def check_ref(ref: Any, run_id: str) -> SampleRef:
 
 
 def check_refs(refs: Any, run_id: str) -> list[SampleRef]:
-    """Validate a batch of refs: each ref, unique ids, and one schema_version per call."""
+    """Validate a batch of refs: each ref, and one schema_version per call. (A sample id
+    twice in one call is the script's business: the first copy is taken.)"""
     if isinstance(refs, (str, bytes, SampleRef)) or not hasattr(refs, "__iter__"):
         raise InvalidArgument("refs must be a list of SampleRef")
     out = [check_ref(r, run_id) for r in refs]

@@ -47,7 +47,7 @@ class RolloutWorker(LeaseHolder):
         _args.count(max_tasks, "max_tasks")
         reply = self.cp._run(
             "lease_prompts", [self.worker_id, max_tasks, self._lease_ms, RECLAIM_PER_CALL], request_id,
-            scope=self.worker_id,
+            scope=self.worker_id, content=[max_tasks],
         )
         run_id, text = self.cp.run_id, _args.text
         tasks = []
@@ -70,7 +70,10 @@ class RolloutWorker(LeaseHolder):
         for ref in checked:
             source = ref.source_task_id or ""
             args += [ref.sample_id, source, self._tokens.get(source, ""), encode_ref(ref)]
-        fresh = self.cp._run("commit_samples", args, request_id, scope=self.worker_id)
+        # Tokens stay out of the reply-cache content (see LeaseHolder._hand_back).
+        content = None if request_id is None else [
+            part for i in range(3, len(args), 4) for part in (args[i], args[i + 1], args[i + 3])]
+        fresh = self.cp._run("commit_samples", args, request_id, scope=self.worker_id, content=content)
         for ref in checked:
             self._tokens.pop(ref.source_task_id or "", None)
         return [_args.text(s) for s in fresh]

@@ -20,16 +20,17 @@ loss, and mapping of script errors to :mod:`dataflow_redis.errors`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import redis
 
-from . import errors
+from . import _args, errors
 from .keys import KEY_NAMES, RunKeys
 from .records import new_id
 
@@ -147,6 +148,16 @@ def load_scripts() -> dict[str, LuaScript]:
     return out
 
 
+def content_digest(parts: Iterable[Any]) -> str:
+    """A short digest of a call's content (for its reply-cache key): a retry of the same
+    call finds the first reply, another call under the same request id does not."""
+    digest = hashlib.blake2b(digest_size=8)
+    for part in parts:
+        digest.update(str(part).encode("utf-8", "surrogatepass"))
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
 RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError)
 MAX_SCRIPT_LOADS = 5
 """Times one call loads its script again after NOSCRIPT before it gives up."""
@@ -175,20 +186,26 @@ class ScriptRunner:
             self._reply_slots[name] = script.key_names.index("reply") if "reply" in script.key_names else None
 
     def __call__(self, name: str, args: Sequence[Any], request_id: str | None = None,
-                 scope: str = "") -> Any:
+                 scope: str = "", content: Iterable[Any] | None = None) -> Any:
         """Run script ``name`` with ARGV ``args``; returns the script's reply.
 
-        ``scope`` names the caller (a worker or trainer id): a cached reply is found only
-        by the same operation from the same caller with the same ``request_id``.
+        A cached reply is found only by the same operation (``name``) from the same
+        caller (``scope``: a worker or trainer id) with the same ``request_id`` (checked
+        with :func:`~dataflow_redis._args.request_id`) and the same ``content`` (default:
+        ``args``; callers leave out what differs between tries, such as generated ids).
         """
         keys = self._key_lists[name]
         slot = self._reply_slots[name]
         if slot is not None:
-            # Without the operation and caller in the key, a request id reused for a lease
-            # and then a commit, or by two trainers acking the same step, would be handed
-            # another call's cached reply and apply nothing.
+            # Without the operation, caller and content in the key, a request id reused
+            # for a lease and then a commit, by two trainers acking the same step, or for
+            # the next batch, would be handed another call's cached reply and apply nothing.
             keys = keys.copy()
-            keys[slot] = self.keys.reply(f"{name}:{scope}:{request_id}" if request_id else new_id())
+            if request_id is None:
+                keys[slot] = self.keys.reply(new_id())
+            else:
+                digest = content_digest(args if content is None else content)
+                keys[slot] = self.keys.reply(f"{name}:{scope}:{_args.request_id(request_id)}:{digest}")
         script = self._scripts[name]
         # EVALSHA straight through the client: redis-py's Script wrapper costs several
         # microseconds a call. A NOSCRIPT (SCRIPT FLUSH, a failover to a server that
@@ -292,6 +309,16 @@ def translate_error(exc: redis.ResponseError) -> errors.DataflowError:
     """The library's exception for an error reply of Redis or of a script."""
     message = str(exc)
     # redis-py strips the NOPERM code when it raises its NoPermissionError subclass.
+    if message.startswith("DB index is out of range"):
+        return errors.InvalidArgument(
+            "the database number in the Redis URL does not exist on this server (DB index is out of "
+            "range; a default server has databases 0-15)")
+    if message.startswith("The user executing the script can't run this command"):
+        # An ACL that allows EVALSHA but not a command the script calls. Redis does not
+        # undo what the script wrote before that command.
+        return errors.AuthenticationFailed(
+            f"the Redis user may not run a command this call needs ({message.split(' script: ')[0]}); "
+            "writes the call made before it stay. Grant the ACL line in docs/reliability.md")
     if isinstance(exc, redis.exceptions.OutOfMemoryError) or "used memory > 'maxmemory'" in message:
         return errors.OutOfMemory(
             "Redis is at its maxmemory and refuses writes that add data (maxmemory-policy "

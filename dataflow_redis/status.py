@@ -74,7 +74,8 @@ def build_status(run_id: str, raw: Sequence[Any]) -> dict[str, Any]:
 def _snapshot(now_ms: int, bp: dict, config: dict, shards: dict, stale: list) -> dict[str, Any]:
     resident = _int(bp, "resident_bytes")
     high = _int(config, "high_watermark_bytes", None)
-    low = _int(config, "low_watermark_bytes", None)
+    # A high watermark alone means low = high (config.BackpressureConfig, the latch).
+    low = _int(config, "low_watermark_bytes", high)
     max_total, max_seen = 0, False
     weighted_age, weight, oldest = 0.0, 0, None
     stale_after_s = float(config["stale_after_s"]) if config.get("stale_after_s") else None

@@ -78,6 +78,7 @@ class Trainer(LeaseHolder):
             [self.trainer_id, max_refs, self._lease_ms, int(final), RECLAIM_PER_CALL],
             request_id,
             scope=self.trainer_id,
+            content=[max_refs],
         )
         run_id, text = self.cp.run_id, _args.text
         refs = []

@@ -36,7 +36,7 @@ for i = 2, #ARGV, 2 do
 end
 local high, low = merged.high_watermark_bytes, merged.low_watermark_bytes
 if high and low and low > high then
-  return refuse('CONFIG', 'low_watermark_bytes ' .. low .. ' > high_watermark_bytes ' .. high ..
+  return refuse('CONFIG', 'low_watermark_bytes ' .. int_text(low) .. ' > high_watermark_bytes ' .. int_text(high) ..
     '; the low watermark must not exceed the high one')
 end
 if low and not high then

@@ -64,6 +64,8 @@ def server():
     # The project's keys, but not the command the scripts are called with.
     admin.execute_command("ACL", "SETUSER", "no-scripts",
                           *ACL_RULES.replace("+evalsha", "").replace("+script|load", "").split())
+    # The scripts, but not one command they call.
+    admin.execute_command("ACL", "SETUSER", "no-xadd", *ACL_RULES.replace("+xadd", "").split())
     admin.close()
     yield server
     server.stop()
@@ -158,6 +160,26 @@ def test_user_without_the_needed_rights_gets_authentication_failed(server, user)
         assert USER_PASSWORD not in str(info.value)
     admin = server.client()
     assert admin.keys("dfr:{acl-denied}*") == []
+    admin.close()
+
+
+def test_a_command_missing_inside_a_script_is_authentication_failed_not_a_raw_lua_error(server):
+    """A user allowed EVALSHA but not XADD: the pause script fails at its event-log
+    write. Redis keeps what the script wrote before (said in the message and in
+    docs/reliability.md); the user is told which permission is missing."""
+    run_id = f"acl-{uuid.uuid4().hex[:8]}"
+    cp = ControlPlane.from_url(url(server, "no-xadd"), run_id, retry_s=1)
+    with pytest.raises(AuthenticationFailed, match="may not run a command this call needs .*docs/reliability.md"):
+        cp.pause("maintenance")
+    from dataflow_redis import cli as cli_module
+
+    result = cli_runner(env={"DATAFLOW_REDIS_URL": url(server, "no-xadd"), "DATAFLOW_RUN": run_id}).invoke(
+        cli_module.main, ["resume", "--reason", "done"])
+    assert result.exit_code == 4, result.output
+    assert "Traceback" not in result.output and "user_script" not in result.output
+    assert USER_PASSWORD not in result.output
+    admin = server.client()
+    admin.delete(*admin.keys(f"dfr:{{{run_id}}}*"))
     admin.close()
 
 

@@ -320,6 +320,21 @@ def test_shards_sum_and_an_out_of_order_report_is_ignored(cp):
     assert snap["resident_bytes"] == 540 and snap["shards"] == 3
 
 
+def test_a_default_seq_continues_after_an_explicit_one(cp):
+    """The docstring's promise: the default is one more than the shard's last report,
+    also when that report carried the caller's own seq."""
+    cp.configure_backpressure(BackpressureConfig(high_watermark_bytes=100, low_watermark_bytes=50))
+    shard = cp.capacity_reporter("shard-0")
+    assert shard.report(10).accepted
+    assert shard.report(20, seq=100).accepted
+    after = shard.report(500)
+    assert after.accepted and after.paused and after.run_resident_bytes == 500
+    assert cp.redis.hget(cp.keys.shards, "shard-0").startswith("101|")
+    # An explicit seq that loses to a newer report: the next default follows the newest.
+    assert not shard.report(5, seq=50).accepted
+    assert shard.report(0).accepted and cp.redis.hget(cp.keys.shards, "shard-0").startswith("102|")
+
+
 def test_a_silent_shard_turns_stale_keeps_its_bytes_and_clears_on_report(cp):
     cp.configure_backpressure(BackpressureConfig(high_watermark_bytes=10_000, stale_after_s=0.2))
     quiet, busy = cp.capacity_reporter("quiet"), cp.capacity_reporter("busy")

@@ -103,6 +103,17 @@ CASES = [
      InvalidArgument, "belongs to run 'other-run'"),
     ("ingest-good-then-bad", lambda r: r.cp.ingest_prompts(
         [{"task_id": "t9"}, {"task_id": "t10", "payload": np.ones(2)}]), TypeError, r"task\[t10\]\.payload"),
+    ("ingest-not-a-list", lambda r: r.cp.ingest_prompts(5), InvalidArgument, "must be a list .*got int"),
+    ("ingest-none", lambda r: r.cp.ingest_prompts(None), InvalidArgument, "must be a list .*got NoneType"),
+    ("ingest-non-str-field", lambda r: r.cp.ingest_prompts([{1: "x"}]), InvalidArgument,
+     "unknown prompt task field.*1"),
+    # Python's "$" matches before a final newline: the id checks must not.
+    ("ingest-id-final-newline", lambda r: r.cp.ingest_prompts([{"task_id": "t9\n"}]), InvalidArgument,
+     "invalid task id"),
+    ("commit-id-final-newline", lambda r: r.worker.commit([ref(r, "s-t3\n", "t3")]), InvalidArgument,
+     "invalid sample id"),
+    ("ingest-empty-request-id", lambda r: r.cp.ingest_prompts([{"task_id": "t9"}], request_id=""),
+     InvalidArgument, "invalid request id ''"),
     # ---- counts: zero, negative, huge, wrong type
     ("lease-zero", lambda r: r.worker.lease(0), InvalidArgument, "max_tasks must be an int from 1 to 10000, got 0"),
     ("lease-negative", lambda r: r.worker.lease(-3), InvalidArgument, "max_tasks must be an int from 1"),
@@ -141,6 +152,13 @@ CASES = [
     ("commit-bad-dtype", lambda r: r.worker.commit(
         [ref(r, "s-t3", "t3", feature_specs=(FeatureSpec("h", (4,), "complex128"),))]),
      InvalidArgument, "unsupported dtype 'complex128'"),
+    ("commit-dtype-a-list", lambda r: r.worker.commit(
+        [ref(r, "s-t3", "t3", feature_specs=(FeatureSpec("h", (4,), ["float32"]),))]),
+     InvalidArgument, "unsupported dtype \\['float32'\\]"),
+    ("lease-empty-request-id", lambda r: r.worker.lease(1, request_id=""), InvalidArgument,
+     "invalid request id ''"),
+    ("ack-int-request-id", lambda r: r.trainer.ack(["s-t1"], request_id=0), InvalidArgument,
+     "invalid request id 0"),
     ("commit-empty-strategy", lambda r: r.worker.commit([ref(r, "s-t3", "t3", strategy="")]), InvalidArgument,
      "strategy must be a non-empty string"),
     # ---- ack / fail: bad ids, bad steps, bad flags, step regression
@@ -186,6 +204,9 @@ CASES = [
     ("bp-low-above-high", lambda r: r.cp.configure_backpressure(
         BackpressureConfig(high_watermark_bytes=10, low_watermark_bytes=20)), ConfigError,
      "low_watermark_bytes 20 > high_watermark_bytes 10"),
+    ("set-config-low-above-high-exact", lambda r: r.cp.set_config(
+        "op", high_watermark_bytes=100_000_000_000_000, low_watermark_bytes=100_000_000_000_001), ConfigError,
+     "low_watermark_bytes 100000000000001 > high_watermark_bytes 100000000000000"),
     ("bp-negative-high", lambda r: BackpressureConfig(high_watermark_bytes=-1), ConfigError,
      "high_watermark_bytes must be an integer >= 1"),
     ("bp-default-task-bytes-over-cap", lambda r: BackpressureConfig(default_task_bytes=2**39 + 1), ConfigError,
@@ -201,12 +222,19 @@ CASES = [
     ("run-id-empty", lambda r: ControlPlane(r.cp.redis, ""), InvalidArgument, "invalid run id ''"),
     ("run-id-too-long", lambda r: ControlPlane(r.cp.redis, "r" * 200), InvalidArgument, "1-128 characters"),
     ("run-id-none", lambda r: ControlPlane(r.cp.redis, None), InvalidArgument, "invalid run id None"),
+    ("run-id-final-newline", lambda r: ControlPlane(r.cp.redis, "run\n"), InvalidArgument, "invalid run id"),
+    ("namespace-final-newline", lambda r: ControlPlane(r.cp.redis, "ok", namespace="dfr\n"), InvalidArgument,
+     "invalid namespace"),
     ("namespace-with-colon-space", lambda r: ControlPlane(r.cp.redis, "ok", namespace="a b"), InvalidArgument,
      "invalid namespace"),
     ("negative-retry-s", lambda r: ControlPlane(r.cp.redis, "ok", retry_s=-1), InvalidArgument, "retry_s"),
     ("url-http-scheme", lambda r: ControlPlane.from_url("http://127.0.0.1:6379", "ok"), InvalidArgument,
      "bad Redis URL"),
     ("url-empty", lambda r: ControlPlane.from_url("", "ok"), InvalidArgument, "bad Redis URL"),
+    ("url-database-not-a-number", lambda r: ControlPlane.from_url("redis://127.0.0.1:6379/abc", "ok"),
+     InvalidArgument, "database 'abc' is not a number"),
+    ("url-database-out-of-range", lambda r: ControlPlane.from_url(r.url.rsplit("/", 1)[0] + "/99", "ok").status(),
+     InvalidArgument, "database number in the Redis URL does not exist on this server"),
     ("wrong-password", lambda r: ControlPlane.from_url(
         f"redis://:wrong-{PASSWORD[:4]}@127.0.0.1:{r.password_server.port}/0", "ok").status(),
      AuthenticationFailed, "Redis refused the credentials"),
@@ -301,6 +329,10 @@ CLI_CASES = [
     ("bad-url", ["--redis-url", "http://127.0.0.1:1", "status"], 2, "bad Redis URL"),
     ("wrong-password", ["--redis-url", "PASSWORD_URL", "status"], 4, "refused the credentials"),
     ("redis-not-there", ["--redis-url", "DEAD_URL", "status"], 3, "cannot reach Redis"),
+    ("database-out-of-range", ["--redis-url", "DB99_URL", "status"], 2, "does not exist on this server"),
+    ("database-not-a-number", ["--redis-url", "DBABC_URL", "status"], 2, "database 'abc' is not a number"),
+    ("watch-interval-nan", ["watch", "--interval", "nan"], 2, "'nan' is not a number"),
+    ("watch-interval-inf", ["watch", "--interval", "inf"], 2, "--interval"),
 ]
 
 
@@ -308,7 +340,9 @@ CLI_CASES = [
 def test_cli_bad_input_is_one_clear_line_and_changes_nothing(run, case):
     _, args, code, pattern = case
     wrong_url = f"redis://:{PASSWORD}-wrong@127.0.0.1:{run.password_server.port}/0"
-    urls = {"PASSWORD_URL": wrong_url, "DEAD_URL": f"redis://127.0.0.1:{free_port()}/0"}
+    base = run.url.rsplit("/", 1)[0]
+    urls = {"PASSWORD_URL": wrong_url, "DEAD_URL": f"redis://127.0.0.1:{free_port()}/0",
+            "DB99_URL": base + "/99", "DBABC_URL": base + "/abc"}
     args = [urls.get(a, a) for a in args]
     full = ["--redis-url", run.url, "--run", run.cp.run_id] + args
     before = dump_run(run.cp)

@@ -320,6 +320,41 @@ def test_runs_lists_the_runs_of_the_namespace(make_cp):
     assert "no runs in namespace" in empty.stdout
 
 
+def test_runs_lists_every_run_and_survives_odd_keys(make_cp):
+    """A run known only by its backpressure state (a shard reported first) is listed,
+    as status and exists() accept it; a key whose run id this tool could never have
+    written is skipped with a warning; a run whose status fails is listed with why."""
+    namespace = f"ns{uuid.uuid4().hex[:8]}"
+    store_first, broken = make_cp(namespace=namespace), make_cp(namespace=namespace)
+    store_first.capacity_reporter("shard-0").report(100)
+    broken.configure(max_prompt_attempts=2)
+    broken.redis.delete(broken.keys.counters)
+    broken.redis.set(broken.keys.counters, "not a hash")
+    odd = f"{namespace}:{{bad id}}:config"
+    store_first.redis.hset(odd, "version", 1)
+    try:
+        result = cli("--redis-url", cp_url(store_first), "--namespace", namespace, "runs", "--json")
+        assert result.exit_code == 0, result.output
+        listed = {r["run_id"]: r for r in json.loads(result.stdout)}
+        assert set(listed) == {store_first.run_id, broken.run_id}
+        assert listed[store_first.run_id]["resident_bytes"] is None and "error" not in listed[store_first.run_id]
+        assert "another type" in listed[broken.run_id]["error"]
+        assert "skipped keys whose run id is not valid: 'bad id'" in result.stderr
+        table = cli("--redis-url", cp_url(store_first), "--namespace", namespace, "runs")
+        assert table.exit_code == 0 and "error: " in table.stdout and store_first.run_id in table.stdout
+    finally:
+        store_first.redis.delete(odd)
+
+
+def test_status_shows_low_equal_to_high_when_only_high_is_set(make_cp):
+    cp = make_cp()
+    result = cli("--redis-url", cp_url(cp), "--run", cp.run_id, "config", "set", "--create",
+                 "high_watermark_bytes=1000")
+    assert result.exit_code == 0, result.output
+    assert cp.status()["backpressure"]["low_watermark_bytes"] == 1000
+    assert "1000 B / 1000 B" in cli("--redis-url", cp_url(cp), "--run", cp.run_id, "status").stdout
+
+
 def test_reclaim_returns_expired_leases(make_cp):
     cp = make_cp()
     cp.ingest_prompts([{"task_id": "slow"}])

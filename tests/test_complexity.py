@@ -55,6 +55,10 @@ def build_run(url: str, pending: int, workers: int, trainers: int, queued: int) 
     cp.enqueue_offline_refs([make_ref(cp, f"queued-{i:06d}") for i in range(queued + trainers + 20)])
     for i in range(trainers):
         cp.trainer(trainer_id=f"t{i}", lease_s=600).lease(1)
+    # Wake-up tokens count enqueue calls, not the run's size (up to 64 a call, capped at
+    # 256, and the large enqueue takes several calls): start both runs without any, or
+    # every commit of the large one alone would also trim the capped list (one LTRIM).
+    cp.redis.delete(cp.keys.train_signal)
     status = cp.status()
     assert status["prompts_pending"] >= pending and status["rollout_workers"] == workers
     assert status["queue_depth"] >= queued and status["trainers"] == trainers

@@ -342,3 +342,27 @@ def test_two_callers_using_the_same_request_id_both_apply(cp):
     assert [t.task_id for t in w0.lease(1, request_id="batch-0")] == ["t0"]
     assert [t.task_id for t in w1.lease(1, request_id="batch-0")] == ["t1"]
     assert cp.worker_inflight() == {"w0": 1, "w1": 1}
+
+
+def test_a_request_id_reused_for_other_ids_applies_them_and_keeps_their_leases(cp):
+    """The reply cache keys a caller's request id with the call's content: acking the
+    next ids under the same id (a step number, say) acks them instead of returning the
+    first call's reply, and the client keeps the tokens of the leases it still holds."""
+    cp.enqueue_offline_refs([make_ref(cp, f"s{i}") for i in range(6)])
+    t = cp.trainer(trainer_id="tr", lease_s=30)
+    t.lease(6)
+    assert t.ack(["s0", "s1"], global_step=7, request_id="step-7") == ["s0", "s1"]
+    assert t.ack(["s2", "s3"], global_step=7, request_id="step-7") == ["s2", "s3"]
+    assert t.ack(["s2", "s3"], global_step=7, request_id="step-7") == ["s2", "s3"]  # a retry: the reply again
+    assert sorted(t.held) == ["s4", "s5"] and cp.is_acked(["s2", "s3"]) == [True, True]
+    assert t.fail(["s4"], "bad", request_id="step-7") == ["s4"]
+    assert t.fail(["s5"], "bad", request_id="step-7") == ["s5"]
+    assert cp.status()["samples_acked"] == 4 and t.held == []
+
+    cp.ingest_prompts([{"task_id": "t0"}, {"task_id": "t1"}])
+    w = cp.rollout_worker(worker_id="w")
+    w.lease(2)
+    assert w.commit([make_ref(cp, "c0", "t0")], request_id="batch-1") == ["c0"]
+    assert w.commit([make_ref(cp, "c1", "t1")], request_id="batch-1") == ["c1"]
+    assert w.commit([make_ref(cp, "c1", "t1")], request_id="batch-1") == ["c1"]
+    assert cp.worker_inflight() == {} and cp.status()["samples_committed"] == 8

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import dump_run, make_ref
-from dataflow_redis import FeatureSpec, PromptTask, SampleRef
+from dataflow_redis import FeatureSpec, PromptTask, RecordTooLarge, SampleRef
 
 SEED_STATUS_FIELDS = (
     "run_id", "prompts", "prompts_pending", "prompts_leased", "prompts_failed", "samples_committed",
@@ -116,6 +116,25 @@ def test_offline_refs_join_the_same_queue(cp):
     t = cp.trainer()
     assert [r.sample_id for r in t.lease(5)] == ["off-0", "off-1"]
     assert cp.status()["samples_committed"] == 2
+
+
+def test_a_large_offline_enqueue_goes_in_bounded_steps_and_retries_apply_once(cp):
+    """2,500 refs: several script calls of at most 1,000 (each short), one reply; a
+    retry with the request id returns it and adds nothing; a record over the limit
+    anywhere refuses the whole call before any step is written."""
+    refs = [make_ref(cp, f"off-{i}") for i in range(2500)]
+    calls_before = cp.redis.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+    assert cp.enqueue_offline_refs(refs, request_id="bulk-1") == [r.sample_id for r in refs]
+    assert cp.redis.info("commandstats")["cmdstat_evalsha"]["calls"] - calls_before >= 3
+    assert cp.enqueue_offline_refs(refs, request_id="bulk-1") == [r.sample_id for r in refs]
+    assert cp.status()["samples_committed"] == 2500 and cp.redis.llen(cp.keys.train_queue) == 2500
+    cp.configure(max_record_bytes=4096)
+    more = [make_ref(cp, f"more-{i}") for i in range(2000)]
+    more[1800] = make_ref(cp, "more-big", metadata={"blob": "x" * 5000})
+    before = dump_run(cp)
+    with pytest.raises(RecordTooLarge, match="record more-big is"):
+        cp.enqueue_offline_refs(more)
+    assert dump_run(cp) == before
 
 
 # ------------------------------------------------------ deadlines from TIME
