@@ -63,7 +63,8 @@ class CapacityReporter:
     @mapped_errors
     def _next_seq(self) -> int:
         if self._seq is None:  # continue after the last report a previous process made
-            stored = self.cp.redis.hget(self.cp.keys.shards, self.store_id)
+            keys, redis_ = self.cp.keys, self.cp.redis
+            stored = redis_.hget(keys.shards, self.store_id) or redis_.hget(keys.retired_shards, self.store_id)
             self._seq = int(_args.text(stored).split("|", 1)[0]) if stored else 0
         self._seq += 1
         return self._seq

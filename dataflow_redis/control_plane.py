@@ -231,7 +231,10 @@ class ControlPlane:
         """Recovery: samples acked by non-durable acks at a step above ``after_step``
         (default: the recorded durable_global_step) go back to the train queue, and the
         recorded global_step rolls back to ``after_step`` so the restarted trainer can
-        ack again from ``after_step + 1``. Returns how many samples were requeued."""
+        ack again from ``after_step + 1``. Returns how many samples were requeued.
+        An ``after_step`` below durable_global_step raises
+        :class:`~dataflow_redis.errors.StepRegression` (what was acked durably since is
+        no longer kept, so it cannot be replayed)."""
         if after_step is not None and type(after_step) is not int:
             raise InvalidArgument(f"after_step must be an int or None, got {after_step!r}")
         _args.count(batch, "batch")

@@ -35,6 +35,7 @@ themselves: the clients pass every key in ``KEYS``.
 | shards          | hash   | shard_id -> "seq|resident|max|avg_age|oldest_age|at_ms"       |
 | shard_seen      | zset   | not-yet-stale shard_id scored by last report (ms)             |
 | stale_shards    | set    | shards currently marked stale                                 |
+| retired_shards  | hash   | shard_id -> last seq of a deregistered shard (late reports lose) |
 | events          | stream | transition log (pause, resume, operator, config, stale)       |
 | dedup_migrating | hash   | packed id set under construction while ``migrate`` runs       |
 | reply:<op>:<caller>:<req_id> | string | cached reply of a mutating call, for safe retries (expires) |
@@ -90,7 +91,7 @@ KEY_NAMES = (
     "prompt_leases", "prompt_deadlines", "worker_inflight", "workers", "tasks_done", "dlq",
     "samples", "train_queue", "train_leases", "train_deadlines", "trainers", "train_signal",
     "acked", "undurable", "failed_samples", "durable", "ack_log",
-    "bp", "shards", "shard_seen", "stale_shards", "events", "dedup_migrating",
+    "bp", "shards", "shard_seen", "stale_shards", "retired_shards", "events", "dedup_migrating",
 )
 
 

@@ -5,7 +5,8 @@
 --       ack_log reply
 -- ARGV: [1] trainer_id  [2] global_step ('' = none)  [3] optimizer_durable (1/0)
 --       then pairs at 4 + 2i: sample_id, the grant's lease token (no other token holds it)
--- Returns: the sample ids newly acked (held by this trainer under a live lease).
+-- Returns: the sample ids newly acked (held by this trainer under its lease token; a
+--   lease counts until it is reclaimed, which may be a little after its deadline).
 --   Unknown, unleased, already-acked or fenced ids ack nothing.
 -- Errors: STEP when global_step is below the recorded durable.global_step (nothing
 --   written).
@@ -14,24 +15,32 @@
 --   stay in `undurable` (scored by step, record kept) until a durable ack at a step >=
 --   theirs; requeue_undurable.lua returns them to the queue when the trainer restarts
 --   from its last durable checkpoint. One entry per ack goes to ack_log.
+-- Bounded work: an ack drops the records of at most COVER_LIMIT covered samples; when
+--   more are left, durable.covered_left = 1 and the next acks go on (status counts
+--   only samples above durable_global_step as undurable).
 -- Invariants: an id is acked at most once (only a live lease is released); the marker,
 --   the ids and the lease release change together or not at all; global_step never
 --   decreases except through requeue_undurable.lua.
 -- @include util
 -- @include idset
 
+-- Covered samples whose records one ack drops at most (about 10 ms of Redis time).
+local COVER_LIMIT = 5000
+
 local trainer, step_arg, durable = ARGV[1], ARGV[2], ARGV[3] == '1'
 local cfg = load_config({'reply_ttl_s'})
 local cached = cached_reply()
 if cached then return split_words(cached) end
 
-local recorded = tonumber(redis.call('HGET', K.durable, 'global_step') or -1)
+local marker = redis.call('HMGET', K.durable, 'global_step', 'durable_global_step', 'covered_left')
+local recorded_text = marker[1]
+local recorded = tonumber(recorded_text or -1)
 local step = recorded
 if step_arg ~= '' then
   step = tonumber(step_arg)
   if step < recorded then
     return refuse('STEP', 'global_step ' .. step_arg .. ' is below the recorded global_step ' ..
-      recorded .. '; steps only move forward (did a trainer restart from an older checkpoint?)')
+      recorded_text .. '; steps only move forward (did a trainer restart from an older checkpoint?)')
   end
 end
 local score = math.max(step, 0)
@@ -71,12 +80,21 @@ end
 
 if #acked > 0 then redis.call('HINCRBY', K.counters, 'samples_acked', #acked) end
 if step > recorded then redis.call('HSET', K.durable, 'global_step', step) end
+local covered_upto = marker[3] and marker[2]
 if durable and step >= 0 then
-  redis.call('HSET', K.durable, 'durable_global_step', step)
-  -- Samples consumed up to this step are now covered by a durable checkpoint.
-  local covered = redis.call('ZRANGEBYSCORE', K.undurable, '-inf', step)
-  call_many('HDEL', K.samples, covered)
-  if #covered > 0 then redis.call('ZREMRANGEBYSCORE', K.undurable, '-inf', step) end
+  covered_upto = int_text(step)
+  redis.call('HSET', K.durable, 'durable_global_step', covered_upto)
+end
+if covered_upto then
+  -- Samples consumed up to the durable step are covered by a checkpoint: their
+  -- records go, a bounded number per call.
+  local covered = redis.call('ZRANGEBYSCORE', K.undurable, '-inf', covered_upto, 'LIMIT', 0, COVER_LIMIT)
+  if #covered > 0 then
+    call_many('HDEL', K.samples, covered)
+    call_many('ZREM', K.undurable, covered)
+  end
+  if #covered == COVER_LIMIT then redis.call('HSET', K.durable, 'covered_left', 1)
+  elseif marker[3] then redis.call('HDEL', K.durable, 'covered_left') end
 end
 redis.call('XADD', K.ack_log, 'MAXLEN', '~', 1000, '*', 'trainer', trainer,
   'global_step', step_arg, 'optimizer_durable', durable and 1 or 0, 'acked', #acked)

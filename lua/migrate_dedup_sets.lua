@@ -10,9 +10,11 @@
 -- Invariants: every id is in exactly one of the old set and dedup_migrating, the packed
 --   set under construction; dedup_migrating takes the old key's name in the call that
 --   empties the old set. tasks_done is converted before acked. Until both are done the
---   run's other scripts fail with WRONGTYPE (mapped to a "run migrate" error): nothing
---   is read or written half-converted. Every script reaches its marker sets before its
---   first write, so such a refused call changes nothing (tests/test_migrate.py).
+--   scripts that read or write the markers (ingest of caller ids, commit, ack, requeue
+--   of undurable acks) fail with WRONGTYPE (mapped to a "run migrate" error): nothing
+--   is read or written half-converted. Each reaches its marker sets before its first
+--   write, so such a refused call changes nothing (tests/test_migrate.py); the other
+--   scripts (leases, pause, config, reclaim, status) do not touch the markers.
 -- @include util
 -- @include idset
 

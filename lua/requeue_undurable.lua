@@ -9,15 +9,24 @@
 -- ARGV: [1] after_step ('' = the recorded durable_global_step, or -1 if none)
 --       [2] limit (at most this many per call)
 -- Returns: number of samples requeued (call again while it equals limit).
+-- Errors: STEP when after_step is below durable_global_step (nothing written): the
+--   samples acked durably since after_step are no longer kept, so no restart from
+--   before the last durable checkpoint can be replayed.
 -- Invariants: a sample leaves undurable and acked and enters train_queue together;
---   samples covered by a durable ack are never requeued.
+--   samples covered by a durable ack are never requeued; durable_global_step <=
+--   global_step.
 -- @include util
 -- @include leases
 -- @include idset
 
+local durable_step = redis.call('HGET', K.durable, 'durable_global_step')
 local after = ARGV[1]
-if after == '' then after = redis.call('HGET', K.durable, 'durable_global_step') or '-1' end
+if after == '' then after = durable_step or '-1' end
 local after_step = tonumber(after)
+if durable_step and after_step < tonumber(durable_step) then
+  return refuse('STEP', 'after_step ' .. after .. ' is below the durable global step ' .. durable_step ..
+    ': samples acked durably since then are no longer kept; restart from the last durable checkpoint')
+end
 local ids = redis.call('ZRANGEBYSCORE', K.undurable, '(' .. after, '+inf', 'LIMIT', 0, tonumber(ARGV[2]))
 for _, sample_id in ipairs(ids) do
   -- The acked set first: on a run whose markers are still Redis sets (0.1.0) the first

@@ -13,6 +13,9 @@
 
 local now = now_ms()
 local active_since = now - tonumber(ARGV[1])
+-- Samples at or below the durable step are covered even while an ack is still
+-- dropping their records (ack_samples.lua, COVER_LIMIT).
+local durable_step = redis.call('HGET', K.durable, 'durable_global_step')
 local sizes = {
   'prompts_pending', redis.call('LLEN', K.pending),
   'prompts_leased', redis.call('HLEN', K.prompt_leases),
@@ -23,7 +26,8 @@ local sizes = {
   'trainers', redis.call('ZCOUNT', K.trainers, active_since, '+inf'),
   'rollout_workers_seen', redis.call('ZCARD', K.workers),
   'trainers_seen', redis.call('ZCARD', K.trainers),
-  'samples_undurable', redis.call('ZCARD', K.undurable),
+  'samples_undurable', durable_step and redis.call('ZCOUNT', K.undurable, '(' .. durable_step, '+inf')
+    or redis.call('ZCARD', K.undurable),
   'samples_failed', redis.call('HLEN', K.failed_samples),
 }
 return {

@@ -10,7 +10,7 @@ import bp_procs
 import pytest
 from conftest import dump_run, make_ref
 
-from dataflow_redis import BackpressureConfig, ConfigError, PromptTask
+from dataflow_redis import BackpressureConfig, ConfigError, InvalidArgument, PromptTask
 
 SEED_SNAPSHOT_FIELDS = (
     "paused", "rollout_starved", "trainer_starved", "pause_transitions", "resume_transitions",
@@ -367,6 +367,34 @@ def test_deregister_removes_a_shards_bytes(cp):
     assert snap["paused"] is False                       # the latch saw the bytes go
     assert leave.deregister() is False
     assert [e["type"] for e in cp.events()][-2:] == ["shard_deregistered", "resume"]
+    empty = cp.capacity_reporter("empty")
+    empty.report(0)
+    assert empty.deregister() is True and bp(cp)["resident_bytes"] == 400
+
+
+def test_a_report_sent_before_a_deregistration_and_delivered_after_it_is_ignored(cp):
+    cp.configure_backpressure(BackpressureConfig(high_watermark_bytes=1000))
+    shard = cp.capacity_reporter("shard-0")
+    shard.report(5000, seq=7)
+    assert shard.deregister() is True and bp(cp)["paused"] is False
+    late = cp.capacity_reporter("shard-0").report(5000, seq=3)   # older than the deregistration
+    assert not late.accepted and not late.paused and bp(cp)["resident_bytes"] == 0
+    assert cp.redis.hexists(cp.keys.shards, "shard-0") is False
+    # The shard comes back: a new reporter continues after its last seq, and is counted.
+    back = cp.capacity_reporter("shard-0").report(300)
+    assert back.accepted and back.run_resident_bytes == 300
+    assert cp.redis.hget(cp.keys.shards, "shard-0").startswith("8|")
+    assert not cp.redis.hexists(cp.keys.retired_shards, "shard-0")
+
+
+def test_a_report_that_would_pass_exact_arithmetic_is_refused_and_changes_nothing(cp):
+    cp.configure_backpressure(BackpressureConfig(high_watermark_bytes=10**15))
+    cp.capacity_reporter("big").report(2**53 - 1)
+    before = dump_run(cp)
+    with pytest.raises(InvalidArgument, match="would pass 2\\^53 - 1 with this report of 1 bytes from small"):
+        cp.capacity_reporter("small").report(1)
+    assert dump_run(cp) == before
+    assert bp(cp)["resident_bytes"] == 2**53 - 1 and cp.redis.hget(cp.keys.bp, "peak_resident_bytes") == str(2**53 - 1)
 
 
 # --------------------------------------------------------------- reservation

@@ -145,6 +145,52 @@ def test_requeue_undurable_after_an_explicit_step(cp):
         cp.requeue_undurable(after_step="2")
 
 
+def test_requeue_undurable_refuses_a_step_below_the_durable_checkpoint(cp):
+    """Samples acked durably after that step are gone: the restart cannot replay them,
+    and rolling global_step below durable_global_step would let a later durable ack
+    move the durable marker backwards."""
+    t = leased_trainer(cp, ["a", "b"])
+    t.ack(["a"], global_step=10, optimizer_durable=True)
+    t.ack(["b"], global_step=12)
+    before = dump_run(cp)
+    with pytest.raises(StepRegression, match="after_step 3 is below the durable global step 10"):
+        cp.requeue_undurable(after_step=3)
+    assert dump_run(cp) == before
+    assert cp.requeue_undurable(after_step=10) == 1
+    assert (cp.status()["global_step"], cp.status()["durable_global_step"]) == (10, 10)
+
+
+def test_a_step_regression_names_the_recorded_step_exactly(cp):
+    t = leased_trainer(cp, ["a", "b"])
+    t.ack(["a"], global_step=123_456_789_012_345)
+    with pytest.raises(StepRegression, match="below the recorded global_step 123456789012345;"):
+        t.ack(["b"], global_step=5)
+
+
+def test_a_durable_ack_drops_covered_records_a_bounded_number_per_call(cp):
+    """12,000 non-durable acks, then a durable ack: it drops at most 5,000 records
+    (COVER_LIMIT in ack_samples.lua), the next acks drop the rest, and meanwhile status
+    counts none of them as undurable and no recovery replays them."""
+    ids = [f"s{i:05d}" for i in range(12_001)]
+    cp.enqueue_offline_refs([make_ref(cp, i) for i in ids])
+    t = cp.trainer(trainer_id="tr", lease_s=60)
+    for start in range(0, 12_000, 6_000):
+        assert len(t.lease(6_000)) == 6_000
+        t.ack(ids[start:start + 6_000], global_step=1)
+    t.lease(1)
+    t.ack(ids[-1:], global_step=2, optimizer_durable=True)
+    assert cp.redis.hlen(cp.keys.samples) == 12_000 - 5_000
+    assert cp.redis.hget(cp.keys.durable, "covered_left") == "1"
+    status = cp.status()
+    assert (status["undurable_acked"], status["durable_acked"], status["durable_global_step"]) == (0, 12_001, 2)
+    assert cp.requeue_undurable() == 0
+    t.ack([], global_step=2)  # any ack goes on
+    assert cp.redis.hlen(cp.keys.samples) == 2_000 and cp.redis.hget(cp.keys.durable, "covered_left") == "1"
+    t.ack([], global_step=3)
+    assert cp.redis.hlen(cp.keys.samples) == 0 and cp.redis.zcard(cp.keys.undurable) == 0
+    assert cp.redis.hget(cp.keys.durable, "covered_left") is None
+
+
 def test_requeue_undurable_works_in_batches(cp):
     ids = [f"s{i:03d}" for i in range(25)]
     t = leased_trainer(cp, ids)

@@ -16,7 +16,8 @@ After every step, from a dump of the run:
   tasks_done; the live ones (and only they) have a record in ``tasks`` (and maybe
   its bytes and attempt);
 * the lease bookkeeping agrees: deadlines = lease rows, worker_inflight = leases per
-  holder, bp.reserved_bytes = the bytes of the lease rows;
+  holder, bp.reserved_bytes = the bytes of the lease rows, bp.resident_bytes = the
+  bytes the registered shards last reported;
 * every sample ever accepted is in exactly one of train_queue, train_leases, acked or
   failed_samples, holds a record exactly while it is queued, leased or acked without a
   durable ack, and no queue holds an id twice;
@@ -63,7 +64,7 @@ class ControlPlaneModel(RuleBasedStateMachine):
         self.trainers = {name: self.cp.trainer(name, lease_s=60.0) for name in SLOW_TRAINERS}
         self.trainers["tx"] = self.cp.trainer("tx", lease_s=0.001)
         self.trainers["tx-restarted"] = self.cp.trainer("tx", lease_s=60.0)
-        self.reporter = self.cp.capacity_reporter("shard-0")
+        self.reporters = [self.cp.capacity_reporter(f"shard-{i}") for i in range(2)]
         self.ingested: set[str] = set()
         self.accepted: set[str] = set()
         self.held: dict[str, list] = collections.defaultdict(list)  # worker -> PromptTasks leased
@@ -257,9 +258,21 @@ class ControlPlaneModel(RuleBasedStateMachine):
         ids = data.draw(st.lists(st.sampled_from(buried + ["task-unknown"]), max_size=3))
         assert set(self.cp.requeue_dead_letters(ids)) <= set(buried)
 
-    @rule(resident=st.sampled_from([0, 1000, 6000, 20000]))
-    def report(self, resident):
-        self.reporter.report(resident_bytes=resident, max_resident_bytes=50000)
+    @rule(resident=st.sampled_from([0, 1000, 6000, 20000]), shard=st.integers(0, 1),
+          seq_jump=st.sampled_from([None, None, -1, 0, 5]))
+    def report(self, resident, shard, seq_jump):
+        reporter = self.reporters[shard]
+        if seq_jump is None:
+            assert reporter.report(resident_bytes=resident, max_resident_bytes=50000).accepted
+        else:  # the caller's own seq: possibly late (ignored) or far ahead
+            stored = self.cp.redis.hget(self.cp.keys.shards, reporter.store_id) or self.cp.redis.hget(
+                self.cp.keys.retired_shards, reporter.store_id) or "0"
+            seq = max(1, int(stored.split("|")[0]) + seq_jump)
+            reporter.report(resident_bytes=resident, seq=seq)
+
+    @rule(shard=st.integers(0, 1))
+    def deregister(self, shard):
+        self.reporters[shard].deregister()
 
     @rule(paused=st.booleans())
     def operator_pause(self, paused):
@@ -293,6 +306,9 @@ class ControlPlaneModel(RuleBasedStateMachine):
         assert {w: int(n) for w, n in get("worker_inflight", {}).items()} == dict(holders)
         reserved = sum(int(v.split("|")[1]) for v in leases.values())
         assert int(get("bp", {}).get("reserved_bytes", 0)) == reserved
+        shards = get("shards", {})
+        assert int(get("bp", {}).get("resident_bytes", 0)) == sum(int(v.split("|")[1]) for v in shards.values())
+        assert not set(shards) & set(get("retired_shards", {}))
 
         queue, train_leases = get("train_queue", []), get("train_leases", {})
         acked = idset.members(r, keys.acked)

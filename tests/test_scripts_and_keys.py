@@ -71,6 +71,16 @@ def test_loader_keys_are_schema_keys():
         assert "-- @include" not in script.source, f"{script.name}: an include was not inlined"
 
 
+def test_design_doc_lists_each_scripts_keys_as_its_header_declares():
+    """docs/design.md's table of scripts and the keys they touch cannot fall behind."""
+    doc = (LUA.parent / "docs" / "design.md").read_text()
+    rows = dict(re.findall(r"^\| `lua/(\w+)\.lua` \| (.*) \|$", doc, re.M))
+    scripts = load_scripts()
+    assert set(rows) == set(scripts)
+    for name, script in scripts.items():
+        assert re.findall(r"`(\w+)`", rows[name]) == list(script.key_names), name
+
+
 def test_loader_rejects_an_unknown_key_in_a_header():
     with pytest.raises(ValueError, match="bogus"):
         parse_key_names("-- x.lua: test\n--\n-- KEYS: config bogus\n-- ARGV: none\n", "x")
