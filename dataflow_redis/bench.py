@@ -49,8 +49,8 @@ import click
 import orjson
 import redis
 
-from .cli import Seconds
 from .bench_floors import FLOOR_COMMIT, FLOOR_COMMIT_KEYS, FLOOR_LEASE, FLOOR_LEASE_KEYS, FloorCycle
+from .cli import Seconds
 from .config import BackpressureConfig
 from .control_plane import ControlPlane, connect
 from .keys import validate_item_id

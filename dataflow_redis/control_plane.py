@@ -153,8 +153,9 @@ class ControlPlane:
             for item in chunk:
                 args.extend(item)
             # Generated ids differ on every call, so a retry is recognised by the rest.
-            content = [part for task_id, size, generated, record in chunk
-                       for part in ("" if generated else task_id, size, record)]
+            content = None if request_id is None else [
+                part for task_id, size, generated, record in chunk
+                for part in ("" if generated else task_id, size, record)]
             fresh += [_args.text(i) for i in self._run(
                 "ingest_prompts", args, None if request_id is None else f"{request_id}.{start}", content=content)]
         return fresh

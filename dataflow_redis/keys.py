@@ -38,7 +38,8 @@ themselves: the clients pass every key in ``KEYS``.
 | retired_shards  | hash   | shard_id -> last seq of a deregistered shard (late reports lose) |
 | events          | stream | transition log (pause, resume, operator, config, stale)       |
 | dedup_migrating | hash   | packed id set under construction while ``migrate`` runs       |
-| reply:<op>:<caller>:<req_id> | string | cached reply of a mutating call, for safe retries (expires) |
+| reply:<id>      | string | cached reply of a mutating call, for safe retries (expires);  |
+|                 |        | <id> is random, or <op>:<caller>:<request_id>:<content digest> |
 """
 
 from __future__ import annotations

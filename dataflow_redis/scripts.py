@@ -308,7 +308,6 @@ def is_busy(exc: BaseException) -> bool:
 def translate_error(exc: redis.ResponseError) -> errors.DataflowError:
     """The library's exception for an error reply of Redis or of a script."""
     message = str(exc)
-    # redis-py strips the NOPERM code when it raises its NoPermissionError subclass.
     if message.startswith("DB index is out of range"):
         return errors.InvalidArgument(
             "the database number in the Redis URL does not exist on this server (DB index is out of "
@@ -324,6 +323,7 @@ def translate_error(exc: redis.ResponseError) -> errors.DataflowError:
             "Redis is at its maxmemory and refuses writes that add data (maxmemory-policy "
             "noeviction); this call changed nothing. Trainers still lease, heartbeat and ack: "
             "let them drain the queue, delete finished runs, or raise maxmemory")
+    # redis-py strips the NOPERM code when it raises its NoPermissionError subclass.
     if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in message[:40]:
         return errors.AuthenticationFailed(
             f"the Redis user may not run this ({message}); see the ACL line in docs/reliability.md"
