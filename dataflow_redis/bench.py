@@ -50,7 +50,7 @@ import orjson
 import redis
 
 from .bench_floors import FLOOR_COMMIT, FLOOR_COMMIT_KEYS, FLOOR_LEASE, FLOOR_LEASE_KEYS, FloorCycle
-from .cli import Seconds
+from .cli import FiniteFloatRange
 from .config import BackpressureConfig
 from .control_plane import ControlPlane, connect
 from .keys import validate_item_id
@@ -983,12 +983,12 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
 @click.option("--quick", is_flag=True, help="Short measurements (about 40 s instead of about 3.5 minutes).")
 @click.option("--sections", default=",".join(SECTIONS), show_default=True,
               help="Comma-separated subset of: " + ", ".join(SECTIONS) + ".")
-@click.option("--seconds", type=Seconds(0.01, 60), default=None,
+@click.option("--seconds", type=FiniteFloatRange(0.01, 60), default=None,
               help="Seconds per operation measurement, and as long again for its no-op (default 1.2; 0.2 with --quick).")
 @click.option("--processes", default="1,4,16", show_default=True, help="Client process counts for the operations.")
 @click.option("--cycle-processes", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Client processes for the full-cycle measurement.")
-@click.option("--cycle-seconds", type=Seconds(0.05, 120), default=None,
+@click.option("--cycle-seconds", type=FiniteFloatRange(0.05, 120), default=None,
               help="Seconds per full-cycle measurement (default --seconds, at least 0.4).")
 @click.option("--cycle-rounds", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Rounds of the cycle, the LMOVE baseline and the floor, one after the other.")

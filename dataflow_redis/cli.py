@@ -50,11 +50,9 @@ EXIT_ERROR, EXIT_BAD_VALUE, EXIT_UNREACHABLE, EXIT_AUTH, EXIT_UNKNOWN_RUN = 1, 2
 KIB = 1024
 
 
-class Seconds(click.FloatRange):
+class FiniteFloatRange(click.FloatRange):
     """A finite number in [min, max]: click's FloatRange lets nan through (every
     comparison with nan is false), and a sleep or deadline of nan fails much later."""
-
-    name = "seconds"
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]) -> float:
         number = super().convert(value, param, ctx)
@@ -446,7 +444,7 @@ def watch_frame(status: dict[str, Any], previous: Optional[dict[str, Any]], targ
 
 
 @main.command()
-@click.option("--interval", type=Seconds(0.05, 3600), default=1.0, show_default=True,
+@click.option("--interval", type=FiniteFloatRange(0.05, 3600), default=1.0, show_default=True,
               help="Seconds between refreshes.")
 @click.option("--iterations", type=click.IntRange(min=1), default=None,
               help="Stop after this many refreshes (default: until Ctrl-C).")
@@ -754,8 +752,8 @@ def summary_text(s: dict[str, Any]) -> str:
               help="Low watermark, bytes [262144].")
 @click.option("--store-cap", "store_cap_bytes", type=click.IntRange(min=1), default=None,
               help="Simulated store hard cap, bytes [786432].")
-@click.option("--rollout-ms", type=Seconds(0.1, 60_000), default=None, help="Generation time per sample [30].")
-@click.option("--train-step-ms", type=Seconds(0.1, 600_000), default=None,
+@click.option("--rollout-ms", type=FiniteFloatRange(0.1, 60_000), default=None, help="Generation time per sample [30].")
+@click.option("--train-step-ms", type=FiniteFloatRange(0.1, 600_000), default=None,
               help="Time per training step of --train-batch samples [160].")
 @click.option("--train-batch", type=click.IntRange(1, 1024), default=None, help="Samples per training step [8].")
 @click.option("--json", "as_json", is_flag=True, help="Print only the summary, as one JSON object, on stdout.")
@@ -763,7 +761,7 @@ def summary_text(s: dict[str, Any]) -> str:
               help="Write a PNG of resident and reserved bytes against the watermarks (needs [plot]).")
 @click.option("--keep/--cleanup", default=None,
               help="Keep the run's keys at the end (default: keep on --redis-url, the private server goes anyway).")
-@click.option("--timeout", "timeout_s", type=Seconds(1, 86_400), default=300.0, show_default=True,
+@click.option("--timeout", "timeout_s", type=FiniteFloatRange(1, 86_400), default=300.0, show_default=True,
               help="Give up after this many seconds.")
 @click.option("--quiet", is_flag=True, help="No progress lines.")
 @click.pass_context
@@ -798,6 +796,9 @@ def demo(ctx: click.Context, role: str, index: Optional[int], as_json: bool, plo
 
     if plot:
         demo_module.import_pyplot()  # fail before the run, not after it
+        folder = os.path.dirname(os.path.abspath(plot))
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise InvalidArgument(f"--plot: cannot write into {folder!r} (missing or read-only)")
     live = sys.stderr.isatty()
 
     def progress(status: dict[str, Any], sample: Any) -> None:
@@ -823,7 +824,10 @@ def demo(ctx: click.Context, role: str, index: Optional[int], as_json: bool, plo
         if plot:
             click.echo(f"  plot            {plot}")
         if url_given and keep is not False:
-            click.echo(f"  inspect         dataflow-redis --run {summary['run_id']} status")
+            # The URL only when it came as an option: from DATAFLOW_REDIS_URL it still applies.
+            on_command_line = ctx.parent.get_parameter_source("redis_url") == click.core.ParameterSource.COMMANDLINE
+            url_option = f"--redis-url {target.masked_url} " if on_command_line else ""
+            click.echo(f"  inspect         dataflow-redis {url_option}--run {summary['run_id']} status")
     if not summary["ok"]:
         click.echo(f"Error: the demo lost {summary['tasks_lost']} task(s) or left bytes resident", err=True)
         ctx.exit(EXIT_ERROR)

@@ -378,9 +378,13 @@ def run_demo(plan: DemoPlan, redis_url: Optional[str] = None, run_id: Optional[s
         roles = ([("store", 0)] + [("trainer", i) for i in range(plan.trainers)]
                  + [("rollout", i) for i in range(plan.workers)])
         env = {**os.environ, "DATAFLOW_REDIS_URL": url, "DATAFLOW_RUN": run_id, "DATAFLOW_NAMESPACE": namespace}
+        # `python -m` looks in the working directory first: start the roles where this
+        # very package lives, so that they import it and not some other checkout.
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         for role, index in roles:
             command = [sys.executable, "-m", "dataflow_redis.demo", role, str(index)]
-            processes.append((f"{role}-{index}", subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL,
+            processes.append((f"{role}-{index}", subprocess.Popen(command, env=env, cwd=package_root,
+                                                                   stdin=subprocess.DEVNULL,
                                                                    stdout=subprocess.DEVNULL)))
 
         samples: list[Sample] = []

@@ -28,7 +28,7 @@ CLIENT_COMMANDS = ("evalsha script|load blpop hgetall hget hmget hscan zmscore x
 # Commands the Lua scripts call (lua/*.lua, lua/includes/*.lua).
 SCRIPT_COMMANDS = ("del exists get hdel hget hgetall hincrby hlen hmget hset hsetnx llen lpop lpush ltrim "
                    "rename rpush sadd scard set smembers spop srem time type xadd zadd zcard zcount zmscore "
-                   "zrangebyscore zrem zremrangebyscore")
+                   "zrangebyscore zrem")
 COMMANDS = sorted(set(CLIENT_COMMANDS.split()) | set(SCRIPT_COMMANDS.split()))
 ACL_RULES = f"on >{USER_PASSWORD} resetkeys ~dfr:* resetchannels -@all " + " ".join(f"+{c}" for c in COMMANDS)
 """``ACL SETUSER dataflow <ACL_RULES>`` (the password is the only site-specific part)."""

@@ -8,6 +8,7 @@ command of this CLI, with its options.
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import pytest
 import yaml  # PyYAML, in the [test] extra
 
 from dataflow_redis.cli import main
+from dataflow_redis.keys import validate_namespace, validate_run_id
 
 COMPOSE = Path(__file__).resolve().parent.parent / "docker-compose.yml"
 
@@ -67,8 +69,9 @@ def test_redis_persists_every_write_and_has_a_healthcheck(compose):
     assert args[args.index("--appendonly") + 1] == "yes"
     assert args[args.index("--appendfsync") + 1] == "always"
     assert any(v.endswith(":/data") for v in redis["volumes"]), "the AOF must live on a volume"
-    check = redis["healthcheck"]["test"]
-    assert "redis-cli" in check and "ping" in check
+    check = " ".join(redis["healthcheck"]["test"])
+    # redis-cli exits 0 on an error reply (LOADING): only PONG means ready.
+    assert "redis-cli ping" in check and "grep -q PONG" in check and check.startswith("CMD-SHELL")
     assert redis["healthcheck"]["retries"] >= 1
 
 
@@ -106,6 +109,19 @@ def test_every_command_line_is_a_real_cli_command(compose):
     for name, args in lines.items():
         command = parse_cli(args)
         assert command.name in ("demo", "status"), name
+        # The root group checks these only when a command runs: check them here.
+        if "--run" in args:
+            validate_run_id(args[args.index("--run") + 1])
+        if "--namespace" in args:
+            validate_namespace(args[args.index("--namespace") + 1])
+
+
+def test_a_service_without_a_redis_url_gets_it_from_the_variable_the_cli_reads(compose):
+    envvars = {p.name: p.envvar for p in main.params}
+    assert envvars["redis_url"] == "DATAFLOW_REDIS_URL" and envvars["run_id"] == "DATAFLOW_RUN"
+    for name, args in cli_command_lines(compose).items():
+        if "--redis-url" not in args:
+            assert compose["services"][name]["environment"][envvars["redis_url"]] == "redis://redis:6379/0", name
 
 
 def test_parse_cli_rejects_what_the_cli_would_reject():
@@ -120,4 +136,9 @@ def test_the_image_installs_this_package_with_its_test_extra(compose):
     build = compose["x-app"]["build"]
     assert build["context"] == "."
     recipe = build["dockerfile_inline"]
-    assert "pip install" in recipe and ".[test" in recipe and "redis-server" in recipe
+    installs = re.findall(r"pip install [^\n]*'\.\[([\w,]+)\]'", recipe)
+    assert installs and "test" in installs[0].split(","), recipe
+    assert re.search(r"apt-get install [^\n]*redis-server", recipe)
+    # The build context leaves out what a checkout may hold besides the sources.
+    ignored = (COMPOSE.parent / ".dockerignore").read_text().split()
+    assert {".git", ".venv"} <= set(ignored)

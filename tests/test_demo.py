@@ -16,6 +16,7 @@ import uuid
 import pytest
 import redis
 
+import dataflow_redis
 from conftest import cli_runner
 from dataflow_redis import ControlPlane, idset
 from dataflow_redis.cli import EXIT_BAD_VALUE, main
@@ -45,11 +46,20 @@ def demo_run(redis_url):
     cp.redis.close()
 
 
-def test_demo_json_on_external_redis_loses_nothing_and_engages_backpressure(redis_url, demo_run):
+def test_demo_json_on_external_redis_loses_nothing_and_engages_backpressure(redis_url, demo_run, tmp_path):
+    # Started as the dataflow-redis script is (not with -m), from a folder that holds
+    # another "dataflow_redis": the role processes must import the parent's copy.
+    launcher, decoy = tmp_path / "bin" / "launch.py", tmp_path / "work" / "dataflow_redis" / "__init__.py"
+    launcher.parent.mkdir()
+    launcher.write_text("from dataflow_redis.cli import main\nmain(prog_name='dataflow-redis')\n")
+    decoy.parent.mkdir(parents=True)
+    decoy.write_text("raise ImportError('the decoy package in the working directory was imported')\n")
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(dataflow_redis.__file__)))
     env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "dataflow_redis.cli", "--redis-url", redis_url, "--run", demo_run.run_id,
-         "demo", "--json", *SMALL], capture_output=True, text=True, env=env, timeout=240)
+        [sys.executable, str(launcher), "--redis-url", redis_url, "--run", demo_run.run_id,
+         "demo", "--json", *SMALL], capture_output=True, text=True, env=env, timeout=240, cwd=decoy.parent.parent)
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stdout.splitlines()
@@ -140,3 +150,5 @@ def test_demo_refuses_an_existing_run_and_bad_sizes(redis_url, demo_run):
     assert result.stderr.strip().count("\n") == 0 and "low watermark" in result.stderr
     result = runner.invoke(main, ["demo", "--role", "rollout"])
     assert result.exit_code == EXIT_BAD_VALUE and "--role needs --redis-url" in result.stderr
+    result = runner.invoke(main, ["demo", "--plot", "/no/such/folder/demo.png"])
+    assert result.exit_code == EXIT_BAD_VALUE and "--plot: cannot write into '/no/such/folder'" in result.stderr
