@@ -947,7 +947,7 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
     server = None
     if redis_url is None:
         server_binary = server_binary or find_redis_server()
-        server = RedisServer(binary=server_binary).start()
+        server = RedisServer(binary=server_binary).launch()
         redis_url = server.url
     try:
         cycle_seconds = cycle_seconds if cycle_seconds is not None else max(0.4, seconds)

@@ -44,11 +44,16 @@ def _bytes(value: Any, what: str, optional: bool = False) -> str:
     return str(value)
 
 
+MAX_AGE_S = 1e9
+"""Largest feature age a report may give, seconds (about 31 years): status weighs ages
+by bytes, and larger ones could overflow that sum to infinity."""
+
+
 def _age(value: Any, what: str) -> str:
     if value is None:
         return ""
-    if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
-        raise InvalidArgument(f"{what} must be a number of seconds >= 0 or None, got {value!r}")
+    if type(value) not in (int, float) or not math.isfinite(value) or not 0 <= value <= MAX_AGE_S:
+        raise InvalidArgument(f"{what} must be a number of seconds from 0 to {MAX_AGE_S:g} or None, got {value!r}")
     return repr(float(value))
 
 

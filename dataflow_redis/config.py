@@ -140,7 +140,19 @@ def from_redis(raw: Mapping[str, str]) -> tuple[RunSettings, BackpressureConfig,
         if text is None:
             return None
         kind, _ = _RULES[name]
-        return int(text) if kind is int else float(text)
+        try:
+            number = float(text)
+            # The scripts read any number Lua's tonumber accepts ("1e3", "12.0" for an
+            # integer lever); an integral float is that integer.
+            if kind is int and number.is_integer():
+                return int(text) if text.strip().lstrip("-").isdigit() else int(number)
+            if kind is float and math.isfinite(number):
+                return number
+        except ValueError:
+            pass
+        want = "an integer" if kind is int else "a number"
+        raise ConfigError(f"the stored config holds {name}={text!r}, not {want}; "
+                          f"set it again with `dataflow-redis config set {name}=...`")
 
     run = RunSettings(**{f.name: value(f.name) for f in fields(RunSettings)})
     bp = BackpressureConfig(**{f.name: value(f.name) for f in fields(BackpressureConfig)})

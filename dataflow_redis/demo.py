@@ -362,7 +362,7 @@ def run_demo(plan: DemoPlan, redis_url: Optional[str] = None, run_id: Optional[s
     """
     server = None
     if redis_url is None:
-        server = RedisServer().start()
+        server = RedisServer().launch()
         url = server.url
     else:
         url = redis_url

@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+from urllib.parse import quote
 
 import redis
 
@@ -75,7 +76,7 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        auth = f":{self.password}@" if self.password else ""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def args(self) -> list[str]:
@@ -88,9 +89,14 @@ class RedisServer:
         return args + self.extra_args
 
     def start(self, timeout_s: float = 10.0) -> "RedisServer":
-        """Start (or restart) the server and wait until it answers PING (and has
-        finished loading its AOF)."""
-        self.process = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        """Start (or restart: a running server is stopped first, its files kept) the
+        server and wait until it answers PING (and has finished loading its AOF)."""
+        if self.process and self.process.poll() is None:
+            self.stop(remove_files=False)
+        try:
+            self.process = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        except OSError as exc:
+            raise DataflowError(f"cannot run {self.binary}: {exc.strerror or exc}") from None
         client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
                              socket_connect_timeout=0.5, socket_timeout=2.0)
         deadline = time.monotonic() + timeout_s
@@ -101,6 +107,10 @@ class RedisServer:
                     raise DataflowError(f"redis-server exited at start: {err.strip() or self.log_tail()}")
                 try:
                     if client.ping():
+                        # Another server on this port answers too (a port taken since
+                        # free_port() chose it): only our own process will do.
+                        if int(client.info("server")["process_id"]) != self.process.pid:
+                            raise DataflowError(f"port {self.port} is taken by another redis-server")
                         return self
                 except (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError):
                     pass
@@ -141,12 +151,17 @@ class RedisServer:
     def client(self, **kwargs) -> redis.Redis:
         return redis.Redis.from_url(self.url, decode_responses=True, **kwargs)
 
-    def __enter__(self) -> "RedisServer":
+    def launch(self, timeout_s: float = 10.0) -> "RedisServer":
+        """:meth:`start` a server that is used once: if it does not come up, its data
+        directory is removed too (a failed restart keeps it, for its log and AOF)."""
         try:
-            return self.start()
+            return self.start(timeout_s)
         except BaseException:
-            self.stop()  # __exit__ does not run when __enter__ fails: remove the files here
+            self.stop()
             raise
+
+    def __enter__(self) -> "RedisServer":
+        return self.launch()  # __exit__ does not run when __enter__ fails
 
     def __exit__(self, *exc) -> None:
         self.stop()

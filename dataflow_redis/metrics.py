@@ -28,7 +28,9 @@ TOP_LEVEL = (
     ("prompts_failed", "prompts_dead_lettered", "gauge", "Prompt tasks in the dead-letter set."),
     ("prompts_done", "prompts_done_total", "counter", "Prompt tasks whose sample was committed."),
     ("samples_committed", "samples_committed_total", "counter", "Sample refs committed (fresh ones)."),
-    ("samples_acked", "samples_acked_total", "counter", "Sample refs acked by trainers."),
+    # A gauge: requeue_undurable takes acks back, and a counter must never fall.
+    ("samples_acked", "samples_acked", "gauge",
+     "Sample refs acked by trainers (requeue_undurable takes some back)."),
     ("samples_failed", "samples_failed", "gauge", "Sample refs failed terminally."),
     ("train_backlog", "train_backlog", "gauge", "Committed sample refs not yet acked or failed."),
     ("queue_depth", "train_queue_depth", "gauge", "Sample refs waiting for a trainer."),

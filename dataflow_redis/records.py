@@ -133,13 +133,16 @@ _REF_REQUIRED = frozenset(f.name for f in _REF_FIELDS if f.name not in _REF_DEFA
 MAX_NESTING = 100
 """Deepest nesting of lists and dicts a record may carry."""
 
+_JSON_TYPES = frozenset((type(None), bool, int, float, str, dict, list, tuple))
+
 
 def check_metadata_only(value: Any, path: str) -> None:
     """Raise if ``value`` holds a tensor, an ndarray, or anything JSON cannot carry.
 
-    ``TypeError`` (naming the path) for array-likes, :class:`InvalidArgument` for other
-    values JSON cannot represent exactly (NaN, infinity, bytes, sets, objects, nesting
-    deeper than ``MAX_NESTING``).
+    ``TypeError`` (naming the path) for array-likes, numpy scalars included;
+    :class:`InvalidArgument` for other values JSON cannot represent exactly (NaN,
+    infinity, bytes, sets, objects, nesting deeper than ``MAX_NESTING``). Tuples are
+    stored as JSON arrays: they come back as lists.
     """
     kind = type(value)
     if value is None or (kind is str and value.isascii()) or (kind is dict and not value):
@@ -150,6 +153,15 @@ def check_metadata_only(value: Any, path: str) -> None:
         if depth > MAX_NESTING:
             # Deeper JSON overflows the recursion limit of json encoders and decoders.
             raise InvalidArgument(f"{where}: nested more than {MAX_NESTING} levels deep; flatten the metadata")
+        kind = type(item)
+        # Array-likes first: numpy scalars subclass float and int (np.float64) but JSON
+        # cannot encode them.
+        if kind not in _JSON_TYPES and _is_array_like(item):
+            raise TypeError(
+                f"{where}: a {kind.__module__}.{kind.__name__} is a tensor/array; "
+                "the control plane takes metadata only: put the data in the feature store "
+                "and pass its key"
+            )
         if item is None or isinstance(item, (bool, int)):
             continue
         if isinstance(item, str):
@@ -159,13 +171,9 @@ def check_metadata_only(value: Any, path: str) -> None:
             if not math.isfinite(item):
                 raise InvalidArgument(f"{where}: {item!r} cannot be stored as JSON; use a finite number or null")
             continue
-        if _is_array_like(item):
-            raise TypeError(
-                f"{where}: a {type(item).__module__}.{type(item).__name__} is a tensor/array; "
-                "the control plane takes metadata only: put the data in the feature store "
-                "and pass its key"
-            )
         if isinstance(item, Mapping):
+            if kind is not dict and depth > 0:
+                raise InvalidArgument(f"{where}: a {kind.__name__} cannot be stored as JSON; use a dict")
             for key, sub in item.items():
                 if not isinstance(key, str):
                     raise InvalidArgument(f"{where}: key {key!r} is not a string; JSON objects need string keys")
@@ -271,8 +279,11 @@ def task_from_input(item: Any, run_id: str) -> PromptTask:
             _check_optional(getattr(task, name), str, f"task {task.task_id}: {name}")
     if not isinstance(task.source_id, str):
         raise InvalidArgument(f"task {task.task_id}: source_id must be a string")
-    if type(task.attempt) is not int or task.attempt < 0:
-        raise InvalidArgument(f"task {task.task_id}: attempt must be an int >= 0")
+    if task.attempt != 0 or type(task.attempt) is not int:
+        # Redis counts the attempts (task_attempts); a count from the caller would be
+        # dropped, and the task's retries would start over.
+        raise InvalidArgument(f"task {task.task_id}: attempt is counted by the control plane, got "
+                              f"{task.attempt!r}; ingest tasks with attempt 0")
     if not _is_mapping(task.metadata):
         raise InvalidArgument(f"task {task.task_id}: metadata must be a dict")
     check_metadata_only(task.payload, f"task[{task.task_id}].payload")

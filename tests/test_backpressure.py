@@ -266,6 +266,13 @@ def test_config_is_validated_with_clear_errors_and_versioned(cp):
     assert cp.config_version() == 2
     kinds = [e["type"] for e in cp.events()]
     assert kinds.count("config") == 2
+    # A value written by another tool: any number the scripts read is read back, as
+    # the scripts read it; anything else is a ConfigError naming the field.
+    cp.redis.hset(cp.keys.config, "max_train_lease", "1e3")
+    assert cp.backpressure_config().max_train_lease == 1000
+    cp.redis.hset(cp.keys.config, "max_train_lease", "lots")
+    with pytest.raises(ConfigError, match="stored config holds max_train_lease='lots', not an integer"):
+        cp.settings()
 
 
 def test_a_config_change_by_one_process_is_obeyed_by_another_on_its_next_call(cp, redis_url):

@@ -112,6 +112,11 @@ CASES = [
      "invalid task id"),
     ("commit-id-final-newline", lambda r: r.worker.commit([ref(r, "s-t3\n", "t3")]), InvalidArgument,
      "invalid sample id"),
+    ("ingest-attempt", lambda r: r.cp.ingest_prompts([{"task_id": "t9", "attempt": 2}]), InvalidArgument,
+     "attempt is counted by the control plane, got 2"),
+    ("ingest-nested-mappingproxy", lambda r: r.cp.ingest_prompts(
+        [{"task_id": "t9", "payload": {"a": types.MappingProxyType({"b": 1})}}]), InvalidArgument,
+     r"payload\.a: a mappingproxy cannot be stored as JSON; use a dict"),
     ("ingest-empty-request-id", lambda r: r.cp.ingest_prompts([{"task_id": "t9"}], request_id=""),
      InvalidArgument, "invalid request id ''"),
     # ---- counts: zero, negative, huge, wrong type
@@ -139,6 +144,9 @@ CASES = [
      "expected a SampleRef, got dict"),
     ("commit-tensor-in-metadata", lambda r: r.worker.commit([ref(r, "s-t3", "t3", metadata={"h": np.zeros(4)})]),
      TypeError, r"ref\[s-t3\]\.metadata\.h: a numpy\.ndarray"),
+    ("commit-numpy-float-in-metadata", lambda r: r.worker.commit(
+        [ref(r, "s-t3", "t3", metadata={"s": np.float64(1.5)})]), TypeError,
+     r"ref\[s-t3\]\.metadata\.s: a numpy\.float64"),
     ("commit-nan-in-versions", lambda r: r.worker.commit([ref(r, "s-t3", "t3", versions={"lr": math.nan})]),
      InvalidArgument, r"ref\[s-t3\]\.versions\.lr: nan"),
     ("commit-oversized", lambda r: r.worker.commit([ref(r, "s-t3", "t3", metadata={"blob": "x" * 5000})]),
@@ -189,6 +197,8 @@ CASES = [
     ("report-negative", lambda r: r.reporter.report(-1), InvalidArgument, "resident_bytes must be an int"),
     ("report-float", lambda r: r.reporter.report(1.5), InvalidArgument, "resident_bytes must be an int"),
     ("report-nan-age", lambda r: r.reporter.report(10, avg_age_s=math.nan), InvalidArgument, "avg_age_s"),
+    ("report-huge-age", lambda r: r.reporter.report(10, avg_age_s=1e308), InvalidArgument,
+     "avg_age_s must be a number of seconds from 0 to 1e\\+09"),
     ("report-zero-seq", lambda r: r.reporter.report(10, seq=0), InvalidArgument, "seq must be an int >= 1"),
     ("report-health-empty", lambda r: r.reporter.report_health({}), InvalidArgument,
      "health must be a dict with at least 'resident_bytes'"),

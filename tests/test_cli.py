@@ -388,7 +388,8 @@ def test_metrics_are_valid_prometheus_text_matching_status(busy_cp):
     assert value("dataflow_redis_high_watermark_bytes") == 10_000
     assert value("dataflow_redis_pause_transitions_total") == 1
     assert value("dataflow_redis_worker_inflight_prompts", worker="worker-a") == 1
-    assert families["dataflow_redis_samples_acked"].type == "counter"
+    # requeue_undurable takes acks back: a gauge, since a counter that falls reads as a reset.
+    assert families["dataflow_redis_samples_acked"].type == "gauge"
     assert "dataflow_redis_global_step" not in families  # None: left out, not invented
 
 

@@ -79,3 +79,29 @@ def test_a_server_that_fails_to_start_leaves_no_process_and_no_files(monkeypatch
         with failing:
             raise AssertionError("the server started")
     assert failing.process.poll() is not None and not os.path.exists(failing.dir)
+
+
+def test_a_port_answered_by_another_server_is_an_error_not_a_success():
+    with RedisServer() as other:
+        squatter = RedisServer(port=other.port)
+        with pytest.raises(DataflowError, match=f"(port {other.port} is taken|exited at start)"):
+            squatter.launch(timeout_s=5)
+        assert squatter.process.poll() is not None and not os.path.exists(squatter.dir)
+        assert other.client().ping()
+
+
+def test_start_on_a_running_server_restarts_it_without_an_orphan():
+    with RedisServer() as server:
+        first = server.process
+        server.start()
+        assert first.poll() is not None, "the first redis-server must not outlive the restart"
+        assert server.process.poll() is None and server.client().ping()
+
+
+def test_a_password_with_url_characters_and_a_missing_binary():
+    with RedisServer(password="a/b#c?d%41") as server:
+        assert server.client().ping()
+    missing = RedisServer(binary="/no/such/redis-server")
+    with pytest.raises(DataflowError, match="cannot run /no/such/redis-server"):
+        missing.launch()
+    assert not os.path.exists(missing.dir)

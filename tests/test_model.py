@@ -5,7 +5,8 @@ Two rollout workers and a trainer hold long leases. A third worker id and a seco
 trainer id each have two clients: a stalled one with 1 ms leases, which expire between
 calls and are reclaimed by the next lease or by ``reclaim_expired``, and its restarted
 successor with long leases, which takes such work over; the stalled clients' late
-commits, acks and fails (after a heartbeat or not, retried) meet the fencing. Task ids are a mix of generated ones and a small pool of caller ids
+commits, acks and fails (after a heartbeat or not, retried) meet the fencing. Task
+ids are a mix of generated ones and a small pool of caller ids
 (so ingests collide with live and done tasks); sample ids come from a small pool per
 task (so commits repeat ids). Every call may be replayed at once with its request id,
 as after a lost reply: the replay must return the first reply and change nothing.
