@@ -43,6 +43,12 @@ from .trainer import Trainer
 ACTIVE_WINDOW_S = 300.0
 """status() counts a rollout worker or trainer as active if it called within this many seconds."""
 
+SOCKET_TIMEOUT_S = 5.0
+"""Socket timeout of the clients connect() makes, seconds (redis-py 8's default, set
+so that every redis-py behaves alike): a reply that takes longer counts as a lost
+connection, and the call is retried. Trainers wait in BLPOP slices of 80 % of it, so
+a wait never outlives it."""
+
 INGEST_CHUNK = 1000
 """Tasks per ingest script call: keeps each atomic step short (ingest is idempotent per id)."""
 
@@ -51,8 +57,8 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     """A Redis client for ``url`` (redis://, rediss://, unix://; user and password in the
     URL), decoding replies, with one immediate reconnect; the control plane's own
     bounded retry with backoff sits above it."""
-    options = dict(decode_responses=True, socket_connect_timeout=5.0, socket_keepalive=True,
-                   health_check_interval=30, retry=Retry(NoBackoff(), 1))
+    options = dict(decode_responses=True, socket_connect_timeout=5.0, socket_timeout=SOCKET_TIMEOUT_S,
+                   socket_keepalive=True, health_check_interval=30, retry=Retry(NoBackoff(), 1))
     if url.startswith("unix://"):
         del options["socket_keepalive"]  # a TCP option: unix socket connections refuse it
     elif isinstance(url, str):

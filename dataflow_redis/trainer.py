@@ -30,6 +30,10 @@ if TYPE_CHECKING:
 
 RECLAIM_PER_CALL = 32
 MAX_BLOCK_SLICE_S = 10.0
+UNKNOWN_TIMEOUT_SLICE_S = 4.0
+"""BLPOP slice when the client's socket timeout is not in its settings: redis-py 8
+applies 5 s unless told otherwise, and a BLPOP that outlives the socket timeout is
+dropped and sent again (the wait would double)."""
 
 
 class Trainer(LeaseHolder):
@@ -43,7 +47,8 @@ class Trainer(LeaseHolder):
         self.trainer_id = self.holder_id
         pool = getattr(cp.redis, "connection_pool", None)  # RedisCluster has none
         socket_timeout = pool.connection_kwargs.get("socket_timeout") if pool else None
-        self._block_slice_s = MAX_BLOCK_SLICE_S if not socket_timeout else max(0.05, 0.8 * socket_timeout)
+        self._block_slice_s = (min(MAX_BLOCK_SLICE_S, UNKNOWN_TIMEOUT_SLICE_S) if not socket_timeout
+                               else min(MAX_BLOCK_SLICE_S, max(0.05, 0.8 * socket_timeout)))
 
     def lease(self, max_refs: int, timeout_s: Optional[float] = None,
               request_id: Optional[str] = None) -> list[SampleRef]:

@@ -9,7 +9,10 @@
 -- Returns: flat array, 3 entries per granted ref: sample_id, lease token, record JSON.
 -- Rules: the grant is capped at max_train_lease when set. An empty grant clears the
 --   wake-up tokens (nothing to wake for), so a trainer that then blocks on
---   train_signal sleeps until the next commit: no lost wake-ups, no busy polling.
+--   train_signal sleeps until the next commit: no lost wake-ups, no busy polling. A
+--   full grant (the queue may hold more) leaves one token when none is left: a commit
+--   wakes at most 64 trainers, and each one that leases a full batch wakes the next,
+--   so a burst reaches every waiting trainer.
 -- Invariants: a sample id is in at most one of train_queue or train_leases; each grant
 --   gets a fresh fencing token; wake-up tokens exist only while the queue may hold work.
 -- @include util
@@ -54,6 +57,9 @@ if ids then
     out[3 * i] = records[i]
   end
   starvation_ends('trainer', now)
+  if n == max_refs and redis.call('LLEN', K.train_signal) == 0 then
+    redis.call('LPUSH', K.train_signal, '1')
+  end
 else
   redis.call('DEL', K.train_signal)
   starvation_begins('trainer', now)

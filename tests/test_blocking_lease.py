@@ -195,6 +195,41 @@ def test_a_retryable_fail_wakes_a_waiting_trainer(cp, server):
         waiter.wait(timeout=30)
 
 
+def test_a_full_lease_passes_a_wake_up_on_so_a_burst_reaches_every_waiting_trainer(cp):
+    """A commit wakes at most 64 trainers; each one whose lease comes back full leaves
+    a token for the next when none is left, and only then (no piling up)."""
+    cp.enqueue_offline_refs([make_ref(cp, f"s{i}") for i in range(5)])
+    cp.redis.delete(cp.keys.train_signal)          # the commit's tokens were taken
+    a, b, c = (cp.trainer(trainer_id=name) for name in "abc")
+    assert len(a.lease(2)) == 2 and cp.redis.llen(cp.keys.train_signal) == 1   # full: the baton
+    assert len(b.lease(2)) == 2 and cp.redis.llen(cp.keys.train_signal) == 1   # one is enough
+    cp.redis.delete(cp.keys.train_signal)
+    assert len(c.lease(2)) == 1 and cp.redis.llen(cp.keys.train_signal) == 0   # not full: queue empty
+    assert c.lease(2) == [] and cp.redis.llen(cp.keys.train_signal) == 0
+
+
+def test_a_wait_never_outlives_the_socket_timeout(server):
+    """redis-py 8 applies a 5 s socket timeout that a client's settings do not show: a
+    longer BLPOP was dropped and sent again, doubling the wait. Trainers on such a
+    client wait in 4 s slices; connect() sets the timeout, and slices follow it."""
+    import redis as redis_py
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    # No socket_timeout in the settings (redis-py's default applies), one retry, as
+    # connect() made clients before it set the timeout.
+    client = redis_py.Redis.from_url(server.url, decode_responses=True, retry=Retry(NoBackoff(), 1))
+    plane = ControlPlane(client, run_id=f"slice-{time.monotonic_ns()}")
+    trainer = plane.trainer()
+    assert trainer._block_slice_s == 4.0
+    assert ControlPlane.from_url(server.url, "x").trainer()._block_slice_s == 4.0
+    assert ControlPlane.from_url(server.url, "x", socket_timeout=2.0).trainer()._block_slice_s == 1.6
+    started = time.monotonic()
+    assert trainer.lease(1, timeout_s=6.0) == []
+    assert 5.9 <= time.monotonic() - started < 7.5, "a 6 s wait must take about 6 s (it took 10 s before)"
+    plane.delete()
+
+
 def test_wake_up_tokens_stay_capped_while_nobody_waits(cp):
     # Commits with no trainer around push tokens; they stop at 256, however many commits.
     worker = cp.rollout_worker("w-cap")
