@@ -189,10 +189,14 @@ class ControlPlaneModel(RuleBasedStateMachine):
     @rule(data=st.data(), retryable=st.booleans(), replay=st.booleans())
     def fail_tasks(self, data, retryable, replay):
         worker, picked = self.hand_back(data, self.held)
-        ids = [t.task_id for t in picked]
-        allowed = self.fenced_to(self.workers[worker], self.cp.keys.prompt_leases)
+        self.fail_items(self.workers[worker], [t.task_id for t in picked], self.cp.keys.prompt_leases,
+                        retryable, replay)
+
+    def fail_items(self, holder, ids, leases_key, retryable, replay):
+        """A fail by a worker or a trainer affects only what it was granted."""
+        allowed = self.fenced_to(holder, leases_key)
         affected = self.replayed(
-            lambda rid: self.workers[worker].fail(ids, "model", retryable=retryable, request_id=rid), replay)
+            lambda rid: holder.fail(ids, "model", retryable=retryable, request_id=rid), replay)
         assert set(affected) <= set(ids) & allowed
 
     @rule(worker=st.sampled_from(WORKERS))
@@ -231,11 +235,8 @@ class ControlPlaneModel(RuleBasedStateMachine):
     @rule(data=st.data(), retryable=st.booleans(), replay=st.booleans())
     def fail_samples(self, data, retryable, replay):
         trainer, picked = self.hand_back(data, self.train_held)
-        ids = [r.sample_id for r in picked]
-        allowed = self.fenced_to(self.trainers[trainer], self.cp.keys.train_leases)
-        affected = self.replayed(
-            lambda rid: self.trainers[trainer].fail(ids, "model", retryable=retryable, request_id=rid), replay)
-        assert set(affected) <= set(ids) & allowed
+        self.fail_items(self.trainers[trainer], [r.sample_id for r in picked], self.cp.keys.train_leases,
+                        retryable, replay)
 
     @rule(trainer=st.sampled_from(TRAINERS))
     def trainer_heartbeat(self, trainer):
