@@ -138,11 +138,14 @@ class ControlPlaneModel(RuleBasedStateMachine):
     # ------------------------------------------------------------------ rollout workers
     @rule(worker=st.sampled_from(WORKERS), n=st.integers(1, 3), replay=st.booleans())
     def lease(self, worker, n, replay):
-        w = self.workers[worker]
-        tasks = self.replayed(lambda rid: w.lease(n, request_id=rid), replay)
-        assert len(tasks) <= n
-        assert {t.task_id for t in tasks} <= self.ingested
-        self.held[worker].extend(tasks)
+        self.lease_into(self.workers[worker], self.held[worker], n, replay, "task_id", self.ingested)
+
+    def lease_into(self, holder, held, n, replay, id_field, known):
+        """A lease by a worker or a trainer: at most n items, all of them known ones."""
+        items = self.replayed(lambda rid: holder.lease(n, request_id=rid), replay)
+        assert len(items) <= n
+        assert {getattr(item, id_field) for item in items} <= known
+        held.extend(items)
 
     @rule()
     def take_over(self):
@@ -210,11 +213,7 @@ class ControlPlaneModel(RuleBasedStateMachine):
     # ------------------------------------------------------------------ trainers
     @rule(trainer=st.sampled_from(TRAINERS), n=st.integers(1, 3), replay=st.booleans())
     def train_lease(self, trainer, n, replay):
-        t = self.trainers[trainer]
-        refs = self.replayed(lambda rid: t.lease(n, request_id=rid), replay)
-        assert len(refs) <= n
-        assert {r.sample_id for r in refs} <= self.accepted
-        self.train_held[trainer].extend(refs)
+        self.lease_into(self.trainers[trainer], self.train_held[trainer], n, replay, "sample_id", self.accepted)
 
     @precondition(lambda self: any(self.train_held.values()))
     @rule(data=st.data(), durable=st.booleans(), replay=st.booleans())
