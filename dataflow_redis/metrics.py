@@ -60,7 +60,7 @@ BACKPRESSURE = (
     ("trainer_starved_s", "trainer_starved_seconds_total", "counter",
      "Time trainers spent without work, seconds."),
     ("rollout_capped", "rollout_capped_total", "counter",
-     "Prompt lease calls that granted nothing because of the per-worker cap."),
+     "Prompt lease calls that granted nothing because of the per-worker cap while tasks were pending."),
     ("pause_transitions", "pause_transitions_total", "counter", "Latch transitions to paused."),
     ("resume_transitions", "resume_transitions_total", "counter", "Latch transitions to running."),
     ("resident_bytes", "resident_bytes", "gauge", "Feature-store bytes resident, summed over shards."),

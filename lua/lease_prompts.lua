@@ -14,8 +14,9 @@
 --   4. reservation: a task with estimated bytes e is granted only while
 --      resident + reserved + e <= high (or nothing is reserved yet and resident < high,
 --      so a task larger than the whole budget still makes progress).
---   A call refused by 2 or 4 while work is pending counts as rollout starvation; a
---   call that finds nothing pending does not.
+--   A call refused by 2 or 4 while work is pending counts as rollout starvation, one
+--   limited to 0 by 3 while work is pending as rollout_capped; a call that finds
+--   nothing pending counts as neither.
 -- Invariants: see includes/leases.lua. Each grant gets a fresh fencing token.
 -- @include util
 -- @include backpressure
@@ -62,7 +63,10 @@ if cfg.backpressure and want > 0 then
   elseif cfg.max_inflight_prompts_per_worker then
     local inflight = tonumber(redis.call('HGET', K.worker_inflight, worker) or 0)
     want = math.max(0, math.min(want, cfg.max_inflight_prompts_per_worker - inflight))
-    if want == 0 then redis.call('HINCRBY', K.bp, 'rollout_capped', 1) end
+    -- Like starvation, a cap hit counts only when the cap withheld work that exists.
+    if want == 0 and redis.call('LLEN', K.pending) > 0 then
+      redis.call('HINCRBY', K.bp, 'rollout_capped', 1)
+    end
   end
 end
 

@@ -96,6 +96,18 @@ def test_per_worker_cap_formula_each_worker_its_own_budget(cp):
     assert snap["rollout_capped"] == 1 and snap["rollout_starved"] == 0  # a cap is not starvation
 
 
+def test_cap_hit_counts_only_while_tasks_are_pending(cp):
+    ingest(cp, 2)
+    cp.configure_backpressure(BackpressureConfig(max_inflight_prompts_per_worker=2))
+    worker = cp.rollout_worker("a")
+    assert len(worker.lease(2)) == 2
+    assert worker.lease(1) == []           # at its cap, but nothing is pending
+    assert bp(cp)["rollout_capped"] == 0
+    cp.ingest_prompts([PromptTask(task_id="waiting", run_id=cp.run_id, payload={})])
+    assert worker.lease(1) == []           # at its cap with a task waiting
+    assert bp(cp)["rollout_capped"] == 1
+
+
 def test_in_flight_above_a_lowered_cap_grants_zero_never_negative(cp):
     ingest(cp, 20)
     cp.configure_backpressure(BackpressureConfig(max_inflight_prompts_per_worker=4))
