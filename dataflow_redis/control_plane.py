@@ -59,23 +59,21 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     bounded retry with backoff sits above it."""
     options = dict(decode_responses=True, socket_connect_timeout=5.0, socket_timeout=SOCKET_TIMEOUT_S,
                    socket_keepalive=True, health_check_interval=30, retry=Retry(NoBackoff(), 1))
-    if url.startswith("unix://"):
-        del options["socket_keepalive"]  # a TCP option: unix socket connections refuse it
-    elif isinstance(url, str):
-        # redis-py reads a database it cannot parse as database 0: a typo would steer
-        # another database's runs.
-        database = unquote(urlsplit(url).path).strip("/")
-        if database and not database.isdigit():
-            raise InvalidArgument(
-                f"bad Redis URL: database {database!r} is not a number; use redis://host:port/<db number>")
-    options.update(kwargs)
+    usage = "use redis://[user:password@]host:port/db, rediss://... or unix:///path"
     try:
+        if url.startswith("unix://"):
+            del options["socket_keepalive"]  # a TCP option: unix socket connections refuse it
+        elif isinstance(url, str):
+            # redis-py reads a database it cannot parse as database 0: a typo would steer
+            # another database's runs.
+            database = unquote(urlsplit(url).path).strip("/")
+            if database and not database.isdigit():
+                raise InvalidArgument(
+                    f"bad Redis URL: database {database!r} is not a number; use redis://host:port/<db number>")
+        options.update(kwargs)
         return redis.Redis.from_url(url, **options)
-    except ValueError as exc:
-        raise InvalidArgument(
-            f"bad Redis URL: {exc}; use redis://[user:password@]host:port/db, rediss://... or unix:///path"
-        ) from None
-
+    except ValueError as exc:  # from urlsplit (e.g. "Invalid IPv6 URL") or from redis-py
+        raise InvalidArgument(f"bad Redis URL: {exc}; {usage}") from None
 
 class ControlPlane:
     """One run's control plane. Cheap to create; safe to share between threads (the

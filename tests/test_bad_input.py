@@ -243,6 +243,8 @@ CASES = [
     ("url-empty", lambda r: ControlPlane.from_url("", "ok"), InvalidArgument, "bad Redis URL"),
     ("url-database-not-a-number", lambda r: ControlPlane.from_url("redis://127.0.0.1:6379/abc", "ok"),
      InvalidArgument, "database 'abc' is not a number"),
+    ("url-ipv6-unclosed", lambda r: ControlPlane.from_url("redis://[::1:6379/0", "ok"), InvalidArgument,
+     "bad Redis URL: Invalid IPv6 URL"),
     ("url-database-out-of-range", lambda r: ControlPlane.from_url(r.url.rsplit("/", 1)[0] + "/99", "ok").status(),
      InvalidArgument, "database number in the Redis URL does not exist on this server"),
     ("wrong-password", lambda r: ControlPlane.from_url(
@@ -341,6 +343,7 @@ CLI_CASES = [
     ("redis-not-there", ["--redis-url", "DEAD_URL", "status"], 3, "cannot reach Redis"),
     ("database-out-of-range", ["--redis-url", "DB99_URL", "status"], 2, "does not exist on this server"),
     ("database-not-a-number", ["--redis-url", "DBABC_URL", "status"], 2, "database 'abc' is not a number"),
+    ("url-ipv6-unclosed", ["--redis-url", "redis://[::1:6379/0", "status"], 2, "bad Redis URL: Invalid IPv6"),
     ("watch-interval-nan", ["watch", "--interval", "nan"], 2, "'nan' is not a number"),
     ("watch-interval-inf", ["watch", "--interval", "inf"], 2, "--interval"),
 ]
