@@ -3,8 +3,10 @@
     from dataflow_redis.metrics import render
     print(render(cp.status(), cp.worker_inflight()))
 
-Every number in ``ControlPlane.status()`` becomes one metric family named
-``dataflow_redis_<field>`` with the label ``run``; monotonic counts are counters
+Every number in ``ControlPlane.status()`` becomes one metric family with the label
+``run``, named ``dataflow_redis_<field>`` or, where the field's name says too little,
+as ``TOP_LEVEL`` and ``BACKPRESSURE`` below map it (``prompts_failed`` ->
+``prompts_dead_lettered``; docs/cli.md lists them all); monotonic counts are counters
 (``_total``), the rest gauges. Booleans are 0/1, byte figures end in ``_bytes`` and
 durations in ``_seconds``. A field that is ``None`` (unset watermark, no step yet) is
 left out rather than exported as a made-up value. ``dataflow-redis metrics`` prints

@@ -404,6 +404,22 @@ def test_every_numeric_status_field_has_a_metric(busy_cp):
     assert {k for k, v in status["backpressure"].items() if numeric(v)} <= exported_bp
 
 
+def test_cli_doc_lists_every_metric_with_its_status_field():
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    table = doc.split("<!-- metrics-table -->")[1].split("<!-- /metrics-table -->")[0]
+    rows = [[cell.strip().strip("`") for cell in line.strip("|").split("|")]
+            for line in table.strip().splitlines()[2:]]
+    expected = [[field, f"dataflow_redis_{metric}", kind] for field, metric, kind, _ in TOP_LEVEL]
+    expected += [[f"backpressure.{field}", f"dataflow_redis_{metric}", kind] for field, metric, kind, _ in BACKPRESSURE]
+    expected += [["backpressure` is set (a policy is configured)", "dataflow_redis_backpressure_enabled", "gauge"],
+                 ["ControlPlane.worker_inflight()`, label `worker", "dataflow_redis_worker_inflight_prompts", "gauge"]]
+    assert rows == expected
+    # Every family render() can print is in the table.
+    full = {"run_id": "r", **{f: 1 for f, *_ in TOP_LEVEL}, "backpressure": {f: 1 for f, *_ in BACKPRESSURE}}
+    printed = {line.split()[2] for line in render(full, {"w": 1}).splitlines() if line.startswith("# TYPE")}
+    assert printed == {row[1] for row in rows}
+
+
 def test_metrics_escape_label_values():
     text = render({"run_id": 'a"b\\c', "prompts": 1, "operator_pause": None})
     assert 'run="a\\"b\\\\c"' in text
