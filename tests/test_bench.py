@@ -173,3 +173,30 @@ def test_bad_options_are_refused_with_a_clear_message():
     assert run.exit_code == 2 and "unknown section" in run.output
     run = runner.invoke(bench_command, ["--processes", "1,zero"])
     assert run.exit_code == 2 and "process counts" in run.output
+
+
+def _evalsha_calls(client) -> int:
+    return client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+
+
+def test_a_url_typed_before_bench_is_benchmarked_one_from_the_environment_is_not(redis_url):
+    import redis
+
+    from dataflow_redis.cli import main
+
+    client = redis.Redis.from_url(redis_url)
+    small = ["bench", "--json", "--sections", "memory", "--memory-tasks", "100"]
+    before = _evalsha_calls(client)
+    run = cli_runner().invoke(main, ["--redis-url", redis_url, *small], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    assert _evalsha_calls(client) > before            # the scripts ran on that server
+
+    before = _evalsha_calls(client)
+    run = cli_runner().invoke(main, small, env={"DATAFLOW_REDIS_URL": redis_url}, catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    assert _evalsha_calls(client) == before           # a private server took the load
+    assert "DATAFLOW_REDIS_URL is not used" in run.stderr
+
+    run = cli_runner().invoke(main, ["--redis-url", redis_url, "bench", "--redis-url", redis_url + "1"])
+    assert run.exit_code == 2 and "two different Redis URLs" in run.output
+    client.close()
