@@ -156,12 +156,12 @@ class ControlPlane:
             args: list = [len(chunk)]
             for item in chunk:
                 args.extend(item)
-            # Generated ids differ on every call, so a retry is recognised by the rest.
-            content = None if request_id is None else [
+            # Generated ids differ on every call, so a retry is recognised by the rest;
+            # the chunk's offset keeps the chunks of one call apart.
+            content = None if request_id is None else [start] + [
                 part for task_id, size, generated, record in chunk
                 for part in ("" if generated else task_id, size, record)]
-            fresh += [_args.text(i) for i in self._run(
-                "ingest_prompts", args, None if request_id is None else f"{request_id}.{start}", content=content)]
+            fresh += [_args.text(i) for i in self._run("ingest_prompts", args, request_id, content=content)]
         return fresh
 
     def enqueue_offline_refs(self, refs: Iterable[SampleRef], request_id: Optional[str] = None) -> list[str]:
@@ -178,8 +178,7 @@ class ControlPlane:
             args: list = ["", 1, len(chunk)]
             for ref in chunk:
                 args += [ref.sample_id, ref.source_task_id or "", "", encode_ref(ref)]
-            fresh += [_args.text(s) for s in self._run(
-                "commit_samples", args, None if request_id is None else f"{request_id}.{start}")]
+            fresh += [_args.text(s) for s in self._run("commit_samples", args, request_id, content=[start, *args])]
         return fresh
 
     def _check_record_sizes(self, records: Iterable[tuple[str, str]]) -> None:

@@ -211,6 +211,22 @@ def test_a_large_ingest_with_one_oversized_record_writes_nothing(cp):
     assert cp.status()["prompts"] == 0
 
 
+def test_a_large_call_takes_any_valid_request_id_and_a_retry_applies_nothing(cp):
+    """A call split into chunks keeps the caller's request id as given: the longest
+    valid id works, a retry returns the first reply, and a too-long id writes nothing."""
+    tasks = [{"payload": {"i": i % 7}} for i in range(2500)]   # generated ids, repeating payloads
+    longest = "r" * 256
+    fresh = cp.ingest_prompts(tasks, request_id=longest)
+    assert len(set(fresh)) == 2500 and cp.status()["prompts"] == 2500
+    assert cp.ingest_prompts(tasks, request_id=longest) == fresh   # a retry after a lost reply
+    assert cp.status()["prompts"] == 2500
+    assert_refused(cp, InvalidArgument, "invalid request id", lambda: cp.ingest_prompts(tasks, request_id="r" * 257))
+    refs = [make_ref(cp, f"off{i}") for i in range(1500)]
+    assert len(cp.enqueue_offline_refs(refs, request_id=longest)) == 1500
+    assert cp.enqueue_offline_refs(refs, request_id=longest) == [r.sample_id for r in refs]
+    assert cp.status()["queue_depth"] == 1500
+
+
 def test_default_record_limit_is_one_mebibyte(cp):
     assert_refused(cp, RecordTooLarge, "max_record_bytes=1048576",
                    lambda: cp.ingest_prompts([{"task_id": "huge", "payload": "x" * (1 << 20)}]))
