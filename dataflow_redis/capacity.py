@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 from . import _args
 from .errors import InvalidArgument
 from .keys import validate_item_id
-from .scripts import mapped_errors
+from .scripts import retried_read
 
 if TYPE_CHECKING:
     from .control_plane import ControlPlane
@@ -65,7 +65,7 @@ class CapacityReporter:
         self.store_id = validate_item_id(store_id, "store id")
         self._seq: Optional[int] = None
 
-    @mapped_errors
+    @retried_read
     def _next_seq(self) -> int:
         if self._seq is None:  # continue after the last report a previous process made
             keys, redis_ = self.cp.keys, self.cp.redis

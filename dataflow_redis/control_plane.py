@@ -36,7 +36,7 @@ from .errors import ConfigError, InvalidArgument, RecordTooLarge
 from .keys import DEFAULT_NAMESPACE, RUN_MARKERS, RunKeys
 from .records import PromptTask, SampleRef, check_refs, encode_ref, encode_task, task_from_input
 from .rollout import RolloutWorker
-from .scripts import ScriptRunner, mapped_errors
+from .scripts import ScriptRunner, retried_read
 from .status import build_status
 from .trainer import Trainer
 
@@ -55,10 +55,11 @@ INGEST_CHUNK = 1000
 
 def connect(url: str, **kwargs: Any) -> redis.Redis:
     """A Redis client for ``url`` (redis://, rediss://, unix://; user and password in the
-    URL), decoding replies, with one immediate reconnect; the control plane's own
-    bounded retry with backoff sits above it."""
+    URL), decoding replies. redis-py itself does not retry: the control plane's bounded
+    retry (:class:`~dataflow_redis.scripts.Retry`) covers every call it makes, and a
+    redis-py retry under it would let one try wait two socket timeouts."""
     options = dict(decode_responses=True, socket_connect_timeout=5.0, socket_timeout=SOCKET_TIMEOUT_S,
-                   socket_keepalive=True, health_check_interval=30, retry=Retry(NoBackoff(), 1))
+                   socket_keepalive=True, health_check_interval=30, retry=Retry(NoBackoff(), 0))
     usage = "use redis://[user:password@]host:port/db, rediss://... or unix:///path"
     try:
         if url.startswith("unix://"):
@@ -114,7 +115,7 @@ class ControlPlane:
         cross-field rules are checked against the merged stored config."""
         return int(self._run("configure", [_args.reason(reason), *to_redis_pairs(values)]))
 
-    @mapped_errors
+    @retried_read
     def _config(self) -> tuple[RunSettings, BackpressureConfig, int]:
         return from_redis({_args.text(k): _args.text(v) for k, v in self.redis.hgetall(self.keys.config).items()})
 
@@ -268,12 +269,12 @@ class ControlPlane:
         """One consistent snapshot: every seed status field, plus more (see status.py)."""
         return build_status(self.run_id, self._run("status", [int(ACTIVE_WINDOW_S * 1000)]))
 
-    @mapped_errors
+    @retried_read
     def exists(self) -> bool:
         """Whether this run has any state in Redis."""
         return bool(self.redis.exists(*(getattr(self.keys, name) for name in RUN_MARKERS)))
 
-    @mapped_errors
+    @retried_read
     def events(self, count: int = 100) -> list[dict[str, Any]]:
         """The newest ``count`` transition events, oldest first."""
         _args.count(count, "count")
@@ -288,7 +289,7 @@ class ControlPlane:
             out.append(event)
         return out
 
-    @mapped_errors
+    @retried_read
     def dead_letters(self, count: int = 100) -> list[dict[str, Any]]:
         """Up to ``count`` dead-lettered tasks: task_id, reason, attempt, at_ms."""
         _args.count(count, "count")
@@ -299,7 +300,7 @@ class ControlPlane:
                 break
         return out
 
-    @mapped_errors
+    @retried_read
     def leases(self, kind: str = "prompt", count: int = 100) -> list[dict[str, Any]]:
         """Up to ``count`` current leases of ``kind`` ('prompt' or 'train'): id, holder,
         token, granted_ms, deadline_ms, attempt (prompts)."""
@@ -330,12 +331,12 @@ class ControlPlane:
                 rows.append(row)
         return rows
 
-    @mapped_errors
+    @retried_read
     def is_acked(self, sample_ids: Iterable[str]) -> list[bool]:
         """Whether each sample was acked (its dedup marker is kept), in order."""
         return idset.contains(self.redis, self.keys.acked, _args.ids(sample_ids, "sample id"))
 
-    @mapped_errors
+    @retried_read
     def is_done(self, task_ids: Iterable[str]) -> list[bool]:
         """Whether each task is done (a sample of it was committed), in order."""
         return idset.contains(self.redis, self.keys.tasks_done, _args.ids(task_ids, "task id"))
@@ -358,12 +359,12 @@ class ControlPlane:
                     "maxmemory-policy noeviction (a full Redis then refuses producers cleanly)"]
         return []
 
-    @mapped_errors
+    @retried_read
     def worker_inflight(self) -> dict[str, int]:
         """In-flight prompt leases per rollout worker (O(workers); for operators)."""
         return {_args.text(k): int(v) for k, v in self.redis.hgetall(self.keys.worker_inflight).items()}
 
-    @mapped_errors
+    @retried_read
     def delete(self) -> int:
         """Delete every key of this run (irreversible). Returns the number of keys removed."""
         removed = 0

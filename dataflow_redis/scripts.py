@@ -163,12 +163,50 @@ MAX_SCRIPT_LOADS = 5
 """Times one call loads its script again after NOSCRIPT before it gives up."""
 
 
+class Retry:
+    """One call's retry budget: tries go on until ``retry_s`` seconds have passed since
+    the call began. The first retry follows at once (a pooled connection that was
+    dropped while idle is simply reopened), then the pause starts at 0.05 s and
+    doubles up to 1 s; the last pause is cut so that one more try starts at the limit.
+    A try under way at the limit ends by the socket timeout (``connect()``: 5 s)."""
+
+    __slots__ = ("retry_s", "started", "delay")
+
+    def __init__(self, retry_s: float, started: float) -> None:
+        self.retry_s = retry_s
+        self.started = started
+        self.delay = 0.0
+
+    def wait(self, exc: Exception) -> None:
+        """Sleep before the next try of a call Redis did not run (or whose reply was
+        lost); raise :class:`~dataflow_redis.errors.ConnectionFailed` once the budget
+        is spent."""
+        now = time.monotonic()
+        elapsed = now - self.started
+        if elapsed >= self.retry_s:
+            if isinstance(exc, redis.exceptions.ReadOnlyError):
+                raise errors.ConnectionFailed(
+                    f"Redis answered as a read-only replica for {elapsed:.1f}s ({exc}); point the "
+                    "URL at the primary (or at an endpoint that follows failovers)") from None
+            if isinstance(exc, redis.ResponseError):
+                raise errors.ConnectionFailed(
+                    f"Redis stayed busy running another client's script for {elapsed:.1f}s ({exc}); "
+                    "find it with SLOWLOG GET, end it with SCRIPT KILL") from None
+            raise errors.ConnectionFailed(
+                f"Redis unreachable for {elapsed:.1f}s ({exc}); check that it is "
+                "running and that the URL is right"
+            ) from None
+        time.sleep(min(self.delay, self.retry_s - elapsed))
+        self.delay = min(self.delay * 2, 1.0) if self.delay else 0.05
+
+
 class ScriptRunner:
     """Runs the scripts of one run on one Redis client.
 
     ``retry_s`` bounds how long a call keeps retrying through connection loss (a Redis
-    restart, a failover) before raising :class:`~dataflow_redis.errors.ConnectionFailed`;
-    retries reuse the call's request id, so a call whose reply was lost applies once.
+    restart, a failover) before raising :class:`~dataflow_redis.errors.ConnectionFailed`
+    (see :class:`Retry`); retries reuse the call's request id, so a call whose reply
+    was lost applies once. :meth:`read` gives plain reads the same retry.
     """
 
     def __init__(self, client: redis.Redis, keys: RunKeys, retry_s: float = 20.0) -> None:
@@ -194,6 +232,7 @@ class ScriptRunner:
         with :func:`~dataflow_redis._args.request_id`) and the same ``content`` (default:
         ``args``; callers leave out what differs between tries, such as generated ids).
         """
+        started = time.monotonic()
         keys = self._key_lists[name]
         slot = self._reply_slots[name]
         if slot is not None:
@@ -212,8 +251,7 @@ class ScriptRunner:
         # never saw the script) loads it and tries again, as the wrapper would.
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         execute = self.client.execute_command
-        deadline = None
-        delay = 0.05
+        retry = None
         load = False
         loads = 0
         while True:
@@ -239,13 +277,15 @@ class ScriptRunner:
                 pool = getattr(self.client, "connection_pool", None)  # RedisCluster redirects itself
                 if pool is not None:
                     pool.disconnect()
-                deadline, delay = self._wait(exc, deadline, delay)
+                retry = retry or Retry(self.retry_s, started)
+                retry.wait(exc)
             except redis.ResponseError as exc:
                 if not is_busy(exc):
                     raise translate_error(exc) from None
                 # Another client's script is still running (past busy-reply-threshold):
                 # ours was not run, so it is retried like a lost connection.
-                deadline, delay = self._wait(exc, deadline, delay)
+                retry = retry or Retry(self.retry_s, started)
+                retry.wait(exc)
             except UnicodeEncodeError as exc:  # raised while packing the call: nothing was sent
                 raise errors.InvalidArgument(
                     f"an argument is not valid Unicode ({exc.reason}: {exc.object[exc.start:exc.end]!r}); "
@@ -254,47 +294,36 @@ class ScriptRunner:
             except redis.AuthenticationError as exc:
                 raise errors.AuthenticationFailed(f"Redis refused the credentials: {exc}") from None
             except RETRYABLE as exc:
-                deadline, delay = self._wait(exc, deadline, delay)
+                retry = retry or Retry(self.retry_s, started)
+                retry.wait(exc)
 
-    def _wait(self, exc: Exception, deadline: float | None, delay: float) -> tuple[float, float]:
-        """Back off before the next try of a call Redis did not run; raise once
-        ``retry_s`` has passed since the first failure. Returns (deadline, next delay)."""
-        now = time.monotonic()
-        if deadline is None:
-            deadline = now + self.retry_s
-        if now >= deadline:
-            if isinstance(exc, redis.exceptions.ReadOnlyError):
-                raise errors.ConnectionFailed(
-                    f"Redis answered as a read-only replica for {self.retry_s:g}s ({exc}); point the "
-                    "URL at the primary (or at an endpoint that follows failovers)") from None
-            if isinstance(exc, redis.ResponseError):
-                raise errors.ConnectionFailed(
-                    f"Redis stayed busy running another client's script for {self.retry_s:g}s ({exc}); "
-                    "find it with SLOWLOG GET, end it with SCRIPT KILL") from None
-            raise errors.ConnectionFailed(
-                f"Redis unreachable for {self.retry_s:g}s ({exc}); check that it is "
-                "running and that the URL is right"
-            ) from None
-        # The last sleep is cut short so that one more try lands at the deadline.
-        time.sleep(min(delay, deadline - now))
-        return deadline, min(delay * 2, 1.0)
+    def read(self, read: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``read(*args, **kwargs)``: plain Redis reads (no script), retried as a script
+        call is (they change nothing, so a repeat is harmless), with this library's
+        errors instead of redis-py's."""
+        retry = Retry(self.retry_s, time.monotonic())
+        while True:
+            try:
+                return read(*args, **kwargs)
+            except redis.ResponseError as exc:
+                if not is_busy(exc):
+                    raise translate_error(exc) from None
+                retry.wait(exc)
+            except redis.AuthenticationError as exc:
+                raise errors.AuthenticationFailed(f"Redis refused the credentials: {exc}") from None
+            except RETRYABLE as exc:
+                retry.wait(exc)
 
 
-def mapped_errors(read: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorator for the plain (non-script) reads: raise this library's errors
-    (AuthenticationFailed, ConnectionFailed, ...) instead of redis-py's."""
+def retried_read(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorator for the methods that make plain (non-script) reads: run them through
+    :meth:`ScriptRunner.read` of their control plane (``self._run``, or ``self.cp._run``
+    for the clients of a control plane)."""
 
-    @functools.wraps(read)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return read(*args, **kwargs)
-        except redis.ResponseError as exc:
-            raise translate_error(exc) from None
-        except redis.AuthenticationError as exc:
-            raise errors.AuthenticationFailed(f"Redis refused the credentials: {exc}") from None
-        except RETRYABLE as exc:
-            raise errors.ConnectionFailed(
-                f"Redis unreachable ({exc}); check that it is running and that the URL is right") from None
+    @functools.wraps(method)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        runner = self._run if isinstance(getattr(self, "_run", None), ScriptRunner) else self.cp._run
+        return runner.read(method, self, *args, **kwargs)
 
     return wrapper
 
