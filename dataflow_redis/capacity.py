@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class CapacityReport:
     accepted: bool
-    """False when the report was older than one already recorded (ignored)."""
+    """False when the report was older than one already recorded (ignored). A repeat of
+    the report last recorded (same seq and figures: a retry) is True."""
     paused: bool
     """The latch after this report."""
     run_resident_bytes: int

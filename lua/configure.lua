@@ -2,10 +2,12 @@
 -- Every process reads the config inside its next script call, so a change takes
 -- effect on the next call of every client.
 --
--- KEYS: config bp events shard_seen stale_shards
+-- KEYS: config bp events shard_seen stale_shards reply
 -- ARGV: [1] reason (free text for the event log), then pairs at 2 + 2i:
 --         field, value ('' = unset the field)
--- Returns: the new config version (an integer that grows by one per change).
+-- Returns: the new config version (an integer that grows by one per change); a retry
+--   after a lost reply returns the first call's version from the reply cache and
+--   changes nothing.
 -- Errors: BADARG for an unknown field or a non-numeric value, CONFIG when the merged
 --   config breaks an invariant (low_watermark_bytes > high_watermark_bytes).
 --   Per-field ranges are checked by dataflow_redis/config.py; the cross-field check
@@ -22,6 +24,8 @@ local LEVERS = {'high_watermark_bytes', 'low_watermark_bytes', 'max_inflight_pro
   'max_train_lease', 'default_task_bytes'}
 
 local current = load_config()
+local cached = cached_reply()
+if cached then return tonumber(cached) end
 local merged = {}
 for _, name in ipairs(CONFIG_FIELDS) do merged[name] = current[name] end
 local changes = {}
@@ -56,4 +60,5 @@ local version = redis.call('HINCRBY', K.config, 'version', 1)
 local now = now_ms()
 log_event('config', ARGV[1] .. ': ' .. table.concat(changes, ' '), now)
 evaluate_latch(load_config(), now, 'config version ' .. version)
+remember_reply(current, int_text(version))
 return version

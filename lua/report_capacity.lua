@@ -8,7 +8,9 @@
 --       [5] avg_age_s ('' = unknown)  [6] oldest_age_s ('' = unknown)
 -- Returns: {accepted (1, or 0 for an out-of-order report that was ignored: seq not
 --           above the shard's last one, or its last before it deregistered),
---           paused (1/0), run resident_bytes}
+--           paused (1/0), run resident_bytes}. A repeat of the report last accepted
+--           (same seq, same figures: a retry after a lost reply) answers 1 again and
+--           writes nothing.
 -- Errors: BADARG when the run's total would pass 2^53 - 1 bytes (beyond exact
 --   arithmetic; nothing is written).
 -- Invariant: bp.resident_bytes = sum of the latest resident_bytes of every
@@ -29,7 +31,9 @@ else
 end
 if last_seq and seq <= tonumber(last_seq) then
   local state = redis.call('HMGET', K.bp, 'paused', 'resident_bytes')
-  return {0, tonumber(state[1] or 0), tonumber(state[2] or 0)}
+  local again = previous and string.sub(previous, 1, #ARGV[2] + #ARGV[3] + #ARGV[4] + #ARGV[5] + #ARGV[6] + 5) ==
+    table.concat({ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], ''}, '|')
+  return {again and 1 or 0, tonumber(state[1] or 0), tonumber(state[2] or 0)}
 end
 -- The latch state, the peak and the total, read once (nothing below changes bp.paused
 -- before the latch). The total is checked before the first write.

@@ -5,10 +5,12 @@
 -- back to `after_step` (those optimizer steps are lost too), so the restarted trainer's
 -- next ack, at after_step + 1, is not refused as a step regression.
 --
--- KEYS: counters samples train_queue train_signal acked undurable durable
+-- KEYS: config counters samples train_queue train_signal acked undurable durable reply
 -- ARGV: [1] after_step ('' = the recorded durable_global_step, or -1 if none)
 --       [2] limit (at most this many per call)
--- Returns: number of samples requeued (call again while it equals limit).
+-- Returns: number of samples requeued (call again while it equals limit); a retry
+--   after a lost reply returns the first call's number from the reply cache and
+--   requeues nothing more (not even a non-durable ack made in between).
 -- Errors: STEP when after_step is below durable_global_step (nothing written): the
 --   samples acked durably since after_step are no longer kept, so no restart from
 --   before the last durable checkpoint can be replayed.
@@ -19,6 +21,9 @@
 -- @include leases
 -- @include idset
 
+local cfg = load_config({'reply_ttl_s'})
+local cached = cached_reply()
+if cached then return tonumber(cached) end
 local durable_step = redis.call('HGET', K.durable, 'durable_global_step')
 local after = ARGV[1]
 if after == '' then after = durable_step or '-1' end
@@ -42,5 +47,6 @@ end
 if #ids > 0 then
   redis.call('HINCRBY', K.counters, 'samples_acked', -#ids)
   wake_trainers(#ids)
+  remember_reply(cfg, int_text(#ids))
 end
 return #ids

@@ -3,9 +3,11 @@ is retried safely.
 
 Every mutating call carries a request id; its script caches the reply under
 ``reply:<id>`` in the same atomic step as the change. When the connection drops
-before the reply arrives, the client re-sends the call with the same id (redis-py
-retries once at once, ScriptRunner keeps retrying with backoff) and the script
-answers from the cache instead of applying again.
+before the reply arrives, the client re-sends the call with the same id (at once,
+then with backoff, for up to retry_s) and the script answers from the cache instead
+of applying again. The operator, recovery and capacity calls answer a retry with
+what their first try did (a cached reply, or for a capacity report the repeat of
+the report last accepted).
 
 The tests put tests/tcp_proxy.py between the client and a real redis-server: it
 lets a chosen request through, throws its reply away and cuts the connection, one
@@ -14,6 +16,7 @@ to three times in a row. Then they prove from Redis that the call applied once.
 
 from __future__ import annotations
 
+import hashlib
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -146,6 +149,50 @@ def test_lost_offline_enqueue_reply_enqueues_once(proxied):
     assert proxy.dropped == 1
     assert direct.redis.lrange(direct.keys.train_queue, 0, -1) == ["offline-marker"]
     assert counters(direct)["samples_committed"] == 1
+
+
+def _sha(name: str) -> bytes:
+    return hashlib.sha1(load_scripts()[name].source.encode()).hexdigest().encode()
+
+
+def test_lost_replies_of_operator_recovery_and_capacity_calls_report_the_first_try(proxied):
+    """A retry must not report "nothing to do" for what its first try did: pause would
+    say "already paused", requeue_undurable "nothing to replay" (and requeue a later
+    ack too), a capacity report "ignored"."""
+    direct, cp, proxy = proxied
+    direct.ingest_prompts([{"task_id": f"t{i}"} for i in range(4)])
+    worker, trainer = direct.rollout_worker("w0"), direct.trainer("tr0")
+    tasks = worker.lease(4)
+    worker.fail([tasks[3].task_id], "bad prompt", retryable=False)
+    worker.commit([make_ref(direct, f"s{i}", t.task_id) for i, t in enumerate(tasks[:3])])
+    trainer.ack([r.sample_id for r in trainer.lease(3)], global_step=5, optimizer_durable=False)
+
+    def dropped_once(name, call):
+        before = proxy.dropped
+        proxy.drop_replies(_sha(name), times=1)
+        result = call()
+        assert proxy.dropped == before + 1, name
+        return result
+
+    events = lambda: [e["type"] for e in direct.events()]  # noqa: E731
+    assert dropped_once("set_operator_pause", lambda: cp.pause("maintenance")) is True
+    assert dropped_once("set_operator_pause", lambda: cp.resume("done")) is True
+    assert events().count("operator_pause") == 1 and events().count("operator_resume") == 1
+    version = direct.status()["config_version"]
+    assert dropped_once("configure", lambda: cp.configure(max_prompt_attempts=5)) == version + 1
+    assert direct.status()["config_version"] == version + 1 and events().count("config") == 1
+    assert dropped_once("requeue_dead_letter", lambda: cp.requeue_dead_letters([tasks[3].task_id])) == [
+        tasks[3].task_id]
+    assert direct.dead_letters() == [] and events().count("dlq_requeue") == 1
+    assert dropped_once("requeue_undurable", cp.requeue_undurable) == 3
+    assert direct.status()["queue_depth"] == 3 and direct.status()["samples_acked"] == 0
+    reporter = cp.capacity_reporter("shard-0")
+    report = dropped_once("report_capacity", lambda: reporter.report(5000))
+    assert report.accepted is True and report.run_resident_bytes == 5000
+    assert reporter.report(6000).accepted is True           # the sequence goes on from there
+    assert dropped_once("deregister_shard", reporter.deregister) is True
+    assert direct.redis.hget(direct.keys.bp, "resident_bytes") == "0"
+    assert events().count("shard_deregistered") == 1
 
 
 def test_connections_cut_between_calls_are_reopened(proxied):
