@@ -12,8 +12,8 @@
 --   written).
 -- The marker (key durable): global_step = highest step acked; durable_global_step =
 --   highest step acked with optimizer_durable = 1. Samples acked by a non-durable ack
---   stay in `undurable` (scored by step, record kept) until a durable ack at a step >=
---   theirs; requeue_undurable.lua returns them to the queue when the trainer restarts
+--   stay in `undurable` (scored by step, record kept; without a step, just above the
+--   durable step) until a durable ack at a step >= theirs; requeue_undurable.lua returns them to the queue when the trainer restarts
 --   from its last durable checkpoint. One entry per ack goes to ack_log.
 -- Bounded work: an ack drops the records of at most COVER_LIMIT covered samples; when
 --   more are left, durable.covered_left = 1 and the next acks go on (status counts
@@ -44,6 +44,10 @@ if step_arg ~= '' then
   end
 end
 local score = math.max(step, 0)
+-- A non-durable ack without a step of its own came after the last durable checkpoint:
+-- scored at that checkpoint's step it would count as covered by it, and a restart
+-- from the checkpoint would never replay it.
+if step_arg == '' and not durable and marker[2] then score = math.max(score, tonumber(marker[2]) + 1) end
 
 -- Sample i (1-based) has its id at ARGV[2i + 2] and token at ARGV[2i + 3].
 local ids = {}

@@ -132,6 +132,24 @@ def test_requeue_undurable_returns_acks_after_the_last_durable_step(cp):
     assert (status["durable_global_step"], status["samples_acked"], status["train_backlog"]) == (2, 4, 0)
 
 
+def test_a_non_durable_ack_without_a_step_after_a_checkpoint_is_replayed_on_restart(cp):
+    """An ack with no global_step comes after the last durable checkpoint: it must not
+    count as covered by that checkpoint (it would be lost on a restart from it)."""
+    t = leased_trainer(cp, ["a", "b", "c"])
+    t.ack(["a"], global_step=7, optimizer_durable=True)
+    t.ack(["b"])                                    # no step, not durable
+    status = cp.status()
+    assert (status["durable_acked"], status["undurable_acked"]) == (1, 1)
+    assert cp.requeue_undurable() == 1
+    assert cp.redis.lrange(cp.keys.train_queue, 0, -1) == ["b"]
+    # A later durable checkpoint covers such an ack as usual.
+    t.ack(["c"])
+    t2 = cp.trainer(trainer_id="tr2")
+    assert [r.sample_id for r in t2.lease(1)] == ["b"]
+    t2.ack(["b"], global_step=8, optimizer_durable=True)
+    assert cp.status()["undurable_acked"] == 0 and cp.requeue_undurable() == 0
+
+
 def test_requeue_undurable_after_an_explicit_step(cp):
     t = leased_trainer(cp, ["a", "b", "c"])
     t.ack(["a"], global_step=1)
