@@ -18,6 +18,7 @@ from .errors import (
     ScriptError,
     StepRegression,
     UnknownRun,
+    WritesRefused,
 )
 from .records import FeatureSpec, PromptTask, SampleRef
 from .rollout import RolloutWorker
@@ -29,5 +30,5 @@ __all__ = [
     "AuthenticationFailed", "BackpressureConfig", "CapacityReport", "CapacityReporter",
     "ConfigError", "ConnectionFailed", "ControlPlane", "DataflowError", "FeatureSpec",
     "InvalidArgument", "OutOfMemory", "PromptTask", "RecordTooLarge", "RolloutWorker", "RunSettings",
-    "SampleRef", "ScriptError", "StepRegression", "Trainer", "UnknownRun", "connect",
+    "SampleRef", "ScriptError", "StepRegression", "Trainer", "UnknownRun", "WritesRefused", "connect",
 ]

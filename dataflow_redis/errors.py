@@ -44,6 +44,12 @@ class OutOfMemory(DataflowError, MemoryError):
     """Redis is at its maxmemory and refused a write that adds data; nothing was written."""
 
 
+class WritesRefused(DataflowError, RuntimeError):
+    """Redis refuses every write because it cannot persist (MISCONF: its last RDB save
+    failed under stop-writes-on-bgsave-error, or an AOF write failed); nothing was
+    written."""
+
+
 class ScriptError(DataflowError, RuntimeError):
     """A script failed in a way it did not anticipate; this is a bug in dataflow-redis."""
 

@@ -352,6 +352,12 @@ def translate_error(exc: redis.ResponseError) -> errors.DataflowError:
             "Redis is at its maxmemory and refuses writes that add data (maxmemory-policy "
             "noeviction); this call changed nothing. Trainers still lease, heartbeat and ack: "
             "let them drain the queue, delete finished runs, or raise maxmemory")
+    if "MISCONF" in message[:10]:
+        # Redis checks this at a script's first write, so the call wrote nothing.
+        return errors.WritesRefused(
+            "Redis refuses every write because it cannot persist: its last RDB save or AOF write "
+            "failed (MISCONF); this call changed nothing. Find the cause in the Redis log (disk "
+            "full, permissions) and fix it (then BGSAVE); reads still work")
     # redis-py strips the NOPERM code when it raises its NoPermissionError subclass.
     if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in message[:40]:
         return errors.AuthenticationFailed(

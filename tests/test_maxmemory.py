@@ -59,3 +59,46 @@ def test_producers_are_refused_cleanly_while_trainers_drain(full):
     assert len(trainer.ack([r.sample_id for r in more], global_step=2, optimizer_durable=True)) == 20
     status = cp.status()
     assert status["samples_acked"] == 40 and status["queue_in_flight"] == 0
+
+
+def test_a_server_that_cannot_persist_refuses_writes_with_a_clear_error_and_changes_nothing():
+    """MISCONF: the last RDB save failed (here the dump file's path is a directory) and
+    stop-writes-on-bgsave-error is on. Every write is refused, at a script's first
+    write, so the call changed nothing; reads go on; a good save lifts it."""
+    import os
+    import time
+
+    from conftest import dump_run
+    from dataflow_redis import WritesRefused
+    from dataflow_redis.cli import main
+    from conftest import cli_runner
+
+    args = ["--save", "3600 1", "--dbfilename", "dump.rdb", "--stop-writes-on-bgsave-error", "yes"]
+    with RedisServer(extra_args=args) as server:
+        cp = ControlPlane.from_url(server.url, "misconf-run")
+        cp.ingest_prompts([{"task_id": "t0"}])
+        blocker = os.path.join(server.dir, "dump.rdb")
+        os.mkdir(blocker)
+        client = server.client()
+
+        def save_and_wait(status: str) -> None:
+            client.bgsave()
+            deadline = time.monotonic() + 10
+            while (client.info("persistence")["rdb_bgsave_in_progress"]
+                   or client.info("persistence")["rdb_last_bgsave_status"] != status):
+                assert time.monotonic() < deadline, f"BGSAVE did not end as {status}"
+                time.sleep(0.05)
+
+        save_and_wait("err")
+        before = dump_run(cp)
+        for call in (lambda: cp.ingest_prompts([{"task_id": "t1"}]), lambda: cp.rollout_worker("w").lease(1),
+                     lambda: cp.pause("maintenance")):
+            with pytest.raises(WritesRefused, match=r"cannot persist.*MISCONF.*changed nothing"):
+                call()
+        assert dump_run(cp) == before and cp.status()["prompts_pending"] == 1
+        result = cli_runner().invoke(main, ["--redis-url", server.url, "--run", "misconf-run", "pause",
+                                            "--reason", "x"])
+        assert result.exit_code == 1 and "cannot persist" in result.output and "Traceback" not in result.output
+        os.rmdir(blocker)
+        save_and_wait("ok")
+        assert [t.task_id for t in cp.rollout_worker("w").lease(1)] == ["t0"]
