@@ -85,7 +85,7 @@ class ControlPlane:
         self.keys = RunKeys(run_id, namespace)
         self.run_id = run_id
         self.redis = client
-        self._run = ScriptRunner(client, self.keys, _args.seconds(retry_s, "retry_s", 0.0, 3600.0))
+        self._run = self._runner = ScriptRunner(client, self.keys, _args.seconds(retry_s, "retry_s", 0.0, 3600.0))
 
     @classmethod
     def from_url(cls, url: str, run_id: str, namespace: str = DEFAULT_NAMESPACE,

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from . import _args
-from .holder import LeaseHolder
+from .holder import HAND_BACK_CHUNK, LeaseHolder
 from .records import PromptTask, SampleRef, check_refs, decode_task, encode_ref
 
 if TYPE_CHECKING:
@@ -62,19 +62,44 @@ class RolloutWorker(LeaseHolder):
 
         A ref's source task lease is released. Refs whose source task this worker no
         longer holds (expired and re-granted) are rejected; duplicates are dropped.
+        More than 1,000 refs go as several atomic steps, the refs of one task in one.
         """
         checked = check_refs(refs, self.cp.run_id)
         if len(checked) > _args.MAX_BATCH:
             raise _args.InvalidArgument(f"at most {_args.MAX_BATCH} refs per call; split the batch")
-        args: list = [self.worker_id, 0, len(checked)]
-        for ref in checked:
+        if len(checked) <= HAND_BACK_CHUNK:
+            return self._commit_step(checked, request_id, 0)
+        # Several steps (see HAND_BACK_CHUNK). The refs of one source task stay in one
+        # step: the step that releases the task's lease must see them all.
+        by_task: dict[str, list[SampleRef]] = {}
+        for i, ref in enumerate(checked):
+            by_task.setdefault(ref.source_task_id or f" {i}", []).append(ref)
+        fresh: set[str] = set()
+        step: list[SampleRef] = []
+        sent = 0
+        for group in by_task.values():
+            if step and len(step) + len(group) > HAND_BACK_CHUNK:
+                fresh.update(self._commit_step(step, request_id, sent))
+                sent += len(step)
+                step = []
+            step += group
+        fresh.update(self._commit_step(step, request_id, sent))
+        # In call order, each id once, as one step returns them.
+        seen: set[str] = set()
+        return [r.sample_id for r in checked
+                if r.sample_id in fresh and not (r.sample_id in seen or seen.add(r.sample_id))]
+
+    def _commit_step(self, refs: list[SampleRef], request_id: Optional[str], offset: int) -> list[str]:
+        """One commit script call; ``offset`` keeps the steps of one call apart in the reply cache."""
+        args: list = [self.worker_id, 0, len(refs)]
+        for ref in refs:
             source = ref.source_task_id or ""
             args += [ref.sample_id, source, self._tokens.get(source, ""), encode_ref(ref)]
         # Tokens stay out of the reply-cache content (see LeaseHolder._hand_back).
-        content = None if request_id is None else [
+        content = None if request_id is None else [offset] + [
             part for i in range(3, len(args), 4) for part in (args[i], args[i + 1], args[i + 3])]
         fresh = self.cp._run("commit_samples", args, request_id, scope=self.worker_id, content=content)
-        for ref in checked:
+        for ref in refs:
             self._tokens.pop(ref.source_task_id or "", None)
         return [_args.text(s) for s in fresh]
 

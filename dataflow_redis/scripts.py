@@ -317,13 +317,12 @@ class ScriptRunner:
 
 def retried_read(method: Callable[..., Any]) -> Callable[..., Any]:
     """Decorator for the methods that make plain (non-script) reads: run them through
-    :meth:`ScriptRunner.read` of their control plane (``self._run``, or ``self.cp._run``
-    for the clients of a control plane)."""
+    :meth:`ScriptRunner.read` of their control plane (``self``, or ``self.cp`` for the
+    clients of a control plane)."""
 
     @functools.wraps(method)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        runner = self._run if isinstance(getattr(self, "_run", None), ScriptRunner) else self.cp._run
-        return runner.read(method, self, *args, **kwargs)
+        return getattr(self, "cp", self)._runner.read(method, self, *args, **kwargs)
 
     return wrapper
 

@@ -98,16 +98,22 @@ class Trainer(LeaseHolder):
         """Ack consumed refs at an optimizer step; returns the ids newly acked.
 
         One atomic step records the ids, ``global_step`` and ``optimizer_durable`` and
-        releases the leases. A ``global_step`` below the recorded one raises
+        releases the leases (one step per 1,000 ids; with a ``global_step`` the durable
+        marker moves with the last, see docs/design.md). A ``global_step`` below the recorded one raises
         :class:`~dataflow_redis.errors.StepRegression`. See docs/design.md for the
         recovery rule for non-durable acks.
         """
         ids = _args.ids(sample_ids, "sample id")
         if global_step is not None and (type(global_step) is not int or not 0 <= global_step < 2**53):
             raise _args.InvalidArgument(f"global_step must be an int >= 0 or None, got {global_step!r}")
-        head = [self.trainer_id, "" if global_step is None else global_step,
-                int(_args.flag(optimizer_durable, "optimizer_durable"))]
-        return self._hand_back("ack_samples", head, ids, request_id)
+        step = "" if global_step is None else global_step
+        head = [self.trainer_id, step, int(_args.flag(optimizer_durable, "optimizer_durable"))]
+        # An ack of more than HAND_BACK_CHUNK ids goes in several steps. With a step, the
+        # durable marker moves with the last: a crash in between leaves the earlier ids
+        # as non-durable acks of this step (replayed by a restart from the last
+        # checkpoint). Without a step every part is acked alike (the marker stays put).
+        before_last = [self.trainer_id, step, 0] if global_step is not None else None
+        return self._hand_back("ack_samples", head, ids, request_id, head_before_last=before_last)
 
     def fail(self, sample_ids: Iterable[str], reason: str, retryable: bool = True,
              request_id: Optional[str] = None) -> list[str]:

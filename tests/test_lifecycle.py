@@ -207,6 +207,82 @@ def test_a_heartbeat_of_many_leases_goes_in_chunks_and_extends_them_all(cp, monk
     assert cp.rollout_worker(worker_id="idle").heartbeat() == [] and calls == ["extend_leases"]
 
 
+@pytest.fixture
+def small_steps(monkeypatch):
+    """Hand-backs (commit, fail, ack) in steps of 4 items; returns the scripts run."""
+    from dataflow_redis import holder, rollout
+    monkeypatch.setattr(holder, "HAND_BACK_CHUNK", 4)
+    monkeypatch.setattr(rollout, "HAND_BACK_CHUNK", 4)
+    return monkeypatch
+
+
+def record_scripts(cp, monkeypatch) -> list[str]:
+    calls: list[str] = []
+    run = cp._run
+    monkeypatch.setattr(cp, "_run", lambda name, args, *rest, **kw: calls.append(name) or run(name, args, *rest, **kw))
+    return calls
+
+
+def test_a_large_commit_goes_in_steps_keeping_the_refs_of_a_task_together(cp, small_steps):
+    cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(5)])
+    w = cp.rollout_worker("w", lease_s=60)
+    assert len(w.lease(5)) == 5
+    # t0 has a ref at each end of the call: split by position, its lease would be
+    # released with the first step and the last ref fenced.
+    refs = [make_ref(cp, f"s{i}", f"t{i}") for i in range(5)] + [make_ref(cp, "s0-b", "t0"),
+                                                                   make_ref(cp, "s1", "t1")]
+    calls = record_scripts(cp, small_steps)
+    expected = ["s0", "s1", "s2", "s3", "s4", "s0-b"]
+    assert w.commit(refs, request_id="big-commit") == expected        # call order, each id once
+    assert calls == ["commit_samples"] * 2                          # {t0, t0, t1, t1}, then {t2, t3, t4}
+    status = cp.status()
+    assert (status["prompts_done"], status["queue_depth"], status["fenced_commits"]) == (5, 6, 0)
+    assert cp.worker_inflight() == {} and w.held == []
+    before = dump_run(cp)
+    assert w.commit(refs, request_id="big-commit") == expected        # a retry applies nothing
+    assert dump_run(cp) == before
+
+
+def test_a_large_ack_goes_in_steps_and_moves_the_durable_marker_with_the_last(cp, small_steps):
+    cp.enqueue_offline_refs([make_ref(cp, f"s{i}") for i in range(10)])
+    t = cp.trainer("tr", lease_s=60)
+    leased = [r.sample_id for r in t.lease(10)]
+    calls: list[str] = []
+    run = cp._run
+
+    def crash_at_the_third_step(name, args, *rest, **kw):
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("the trainer dies between two steps")
+        return run(name, args, *rest, **kw)
+
+    small_steps.setattr(cp, "_run", crash_at_the_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        t.ack(leased, global_step=5, optimizer_durable=True)
+    status = cp.status()
+    # The first two steps were acked at step 5, not durably: the marker did not move.
+    assert (status["samples_acked"], status["durable_global_step"], status["undurable_acked"]) == (8, None, 8)
+    assert cp.requeue_undurable() == 8                              # a restart replays them
+    small_steps.setattr(cp, "_run", run)
+    t2 = cp.trainer("tr2", lease_s=60)
+    cp.reclaim_expired()
+    replay = [r.sample_id for r in t2.lease(10)]
+    assert sorted(replay) == sorted(leased[:8])
+    assert sorted(t2.ack(replay, global_step=5, optimizer_durable=True)) == sorted(leased[:8])
+    status = cp.status()
+    assert (status["samples_acked"], status["durable_global_step"], status["undurable_acked"]) == (8, 5, 0)
+
+
+def test_a_large_fail_goes_in_steps(cp, small_steps):
+    cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(9)])
+    w = cp.rollout_worker("w", lease_s=60)
+    ids = [t.task_id for t in w.lease(9)]
+    calls = record_scripts(cp, small_steps)
+    assert w.fail(ids, "bad batch", retryable=False) == ids
+    assert calls == ["fail_prompts"] * 3
+    assert len(cp.dead_letters()) == 9 and cp.worker_inflight() == {}
+
+
 def test_heartbeat_reports_leases_lost_meanwhile(cp):
     cp.ingest_prompts([{"task_id": "t0"}])
     slow = cp.rollout_worker(worker_id="slow", lease_s=0.05)
