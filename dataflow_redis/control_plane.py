@@ -208,7 +208,7 @@ class ControlPlane:
         return CapacityReporter(self, store_id)
 
     # ------------------------------------------------------------- operations
-    def reclaim_expired(self, batch: int = 1000) -> int:
+    def reclaim_expired(self, batch: int = 250) -> int:
         """Return every expired lease to its queue now, ``batch`` per script call.
         Returns how many were reclaimed."""
         _args.count(batch, "batch")
@@ -232,7 +232,7 @@ class ControlPlane:
             if remaining == 0:
                 return total
 
-    def requeue_undurable(self, after_step: Optional[int] = None, batch: int = 1000) -> int:
+    def requeue_undurable(self, after_step: Optional[int] = None, batch: int = 250) -> int:
         """Recovery: samples acked by non-durable acks at a step above ``after_step``
         (default: the recorded durable_global_step) go back to the train queue, and the
         recorded global_step rolls back to ``after_step`` so the restarted trainer can

@@ -8,6 +8,8 @@ durable acks; requeue_undurable() is the recovery rule for non-durable acks.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import dump_run, make_ref
@@ -186,9 +188,11 @@ def test_a_step_regression_names_the_recorded_step_exactly(cp):
 
 
 def test_a_durable_ack_drops_covered_records_a_bounded_number_per_call(cp):
-    """12,000 non-durable acks, then a durable ack: it drops at most 5,000 records
-    (COVER_LIMIT in ack_samples.lua), the next acks drop the rest, and meanwhile status
-    counts none of them as undurable and no recovery replays them."""
+    """12,000 non-durable acks, then a durable ack: it drops at most COVER_LIMIT records
+    (ack_samples.lua), the next acks drop the rest, and meanwhile status counts none of
+    them as undurable and no recovery replays them."""
+    limit = int(re.search(r"local COVER_LIMIT = (\d+)", load_scripts()["ack_samples"].source).group(1))
+    assert limit < 6_000
     ids = [f"s{i:05d}" for i in range(12_001)]
     cp.enqueue_offline_refs([make_ref(cp, i) for i in ids])
     t = cp.trainer(trainer_id="tr", lease_s=60)
@@ -197,15 +201,18 @@ def test_a_durable_ack_drops_covered_records_a_bounded_number_per_call(cp):
         t.ack(ids[start:start + 6_000], global_step=1)
     t.lease(1)
     t.ack(ids[-1:], global_step=2, optimizer_durable=True)
-    assert cp.redis.hlen(cp.keys.samples) == 12_000 - 5_000
+    left = 12_000 - limit
+    assert cp.redis.hlen(cp.keys.samples) == left
     assert cp.redis.hget(cp.keys.durable, "covered_left") == "1"
     status = cp.status()
     assert (status["undurable_acked"], status["durable_acked"], status["durable_global_step"]) == (0, 12_001, 2)
     assert cp.requeue_undurable() == 0
-    t.ack([], global_step=2)  # any ack goes on
-    assert cp.redis.hlen(cp.keys.samples) == 2_000 and cp.redis.hget(cp.keys.durable, "covered_left") == "1"
-    t.ack([], global_step=3)
-    assert cp.redis.hlen(cp.keys.samples) == 0 and cp.redis.zcard(cp.keys.undurable) == 0
+    while left > 0:
+        t.ack([], global_step=2)  # any ack goes on
+        left -= min(limit, left)
+        assert cp.redis.hlen(cp.keys.samples) == left
+    assert cp.redis.zcard(cp.keys.undurable) == 0
+    t.ack([], global_step=3)      # the flag goes once an ack finds nothing left
     assert cp.redis.hget(cp.keys.durable, "covered_left") is None
 
 
