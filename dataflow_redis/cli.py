@@ -111,6 +111,18 @@ def scrub(message: str, url: Optional[str]) -> str:
     return text
 
 
+STALE_SHARDS_SHOWN = 5
+"""Stale shard ids the status table names; --json lists them all."""
+
+
+def list_some(names: list[str], shown: int = STALE_SHARDS_SHOWN) -> str:
+    """``names`` joined by commas, the first ``shown`` of them and a count of the rest."""
+    if not names:
+        return "none"
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def fmt_bytes(n: Optional[float]) -> str:
     """Bytes in binary units: 512 B, 4.0 KiB, 1.5 MiB."""
     if n is None:
@@ -376,7 +388,7 @@ def status_text(status: dict[str, Any], target: Target, worker_inflight: Optiona
         row("free to high watermark", fmt_bytes(bp["free_to_high_watermark_bytes"]))
         row("peak resident", fmt_bytes(bp["peak_resident_bytes"]))
         row("store cap", f"{fmt_bytes(bp['max_resident_bytes'])}  ({bp['shards']} shard(s), "
-                         f"stale: {', '.join(bp['stale_shards']) or 'none'})")
+                         f"stale: {list_some(sorted(bp['stale_shards']))})")
         row("transitions", f"{bp['pause_transitions']} pauses, {bp['resume_transitions']} resumes")
         row("rollout starvation", f"{bp['rollout_starved']} refused leases, {bp['rollout_starved_s']:.1f} s")
         row("trainer starvation", f"{bp['trainer_starved']} empty leases, {bp['trainer_starved_s']:.1f} s")

@@ -404,6 +404,18 @@ def test_every_numeric_status_field_has_a_metric(busy_cp):
     assert {k for k, v in status["backpressure"].items() if numeric(v)} <= exported_bp
 
 
+def test_status_names_a_few_stale_shards_and_counts_the_rest(cp):
+    cp.configure_backpressure(BackpressureConfig(high_watermark_bytes=10_000, stale_after_s=0.2))
+    for i in range(8):
+        cp.capacity_reporter(f"shard-{i}").report(100)
+    time.sleep(0.3)
+    table = cli(*base(cp), "status")
+    assert table.exit_code == 0, table.output
+    line = next(x for x in table.stdout.splitlines() if x.startswith("  store cap") or "stale:" in x)
+    assert "stale: shard-0, shard-1, shard-2, shard-3, shard-4 and 3 more)" in line, line
+    assert len(json.loads(cli(*base(cp), "status", "--json").stdout)["backpressure"]["stale_shards"]) == 8
+
+
 def test_cli_doc_lists_every_metric_with_its_status_field():
     doc = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
     table = doc.split("<!-- metrics-table -->")[1].split("<!-- /metrics-table -->")[0]
