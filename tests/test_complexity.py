@@ -140,13 +140,13 @@ def test_per_item_cost_is_linear_in_the_items_of_the_call(costs_by_size):
 
 def test_a_large_batch_into_an_empty_dedup_set_is_placed_once():
     """The packed id set makes room for a whole batch before placing it. Placed by the
-    shape of a small set, 2,000 ids would first crowd its only bucket (built id by id:
+    shape of a small set, 1,000 ids would first crowd its only bucket (built id by id:
     the square of its size) and then move again and again as the set split one bucket
     at a time (the first 10,000-id ack of a run held Redis for 1.5 s). Now each bucket
     is written once: one HSET for the whole batch, and no split moves anything."""
     with RedisServer() as server:
         cp = ControlPlane.from_url(server.url, run_id="batch-into-empty")
-        n = 2_000
+        n = 1_000  # one ack step (HAND_BACK_CHUNK)
         cp.enqueue_offline_refs([make_ref(cp, f"s{i:05d}") for i in range(n)])
         trainer = cp.trainer(trainer_id="t", lease_s=600)
         leased = trainer.lease(n)
