@@ -32,7 +32,7 @@ from redis.retry import Retry
 from . import _args, idset
 from .capacity import CapacityReporter
 from .config import DEFAULT_MAX_RECORD_BYTES, BackpressureConfig, RunSettings, from_redis, to_redis_pairs
-from .errors import ConfigError, InvalidArgument, RecordTooLarge
+from .errors import ConfigError, InvalidArgument, RecordTooLarge, steps_so_far
 from .keys import DEFAULT_NAMESPACE, RUN_MARKERS, RunKeys
 from .records import PromptTask, SampleRef, check_refs, encode_ref, encode_task, task_from_input
 from .rollout import RolloutWorker
@@ -58,8 +58,11 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     URL), decoding replies. redis-py itself does not retry: the control plane's bounded
     retry (:class:`~dataflow_redis.scripts.Retry`) covers every call it makes, and a
     redis-py retry under it would let one try wait two socket timeouts."""
+    # No health check either: its PING is refused while Redis cannot persist (MISCONF),
+    # which would fail reads that work, and a dead pooled connection costs one immediate
+    # retry anyway.
     options = dict(decode_responses=True, socket_connect_timeout=5.0, socket_timeout=SOCKET_TIMEOUT_S,
-                   socket_keepalive=True, health_check_interval=30, retry=Retry(NoBackoff(), 0))
+                   socket_keepalive=True, retry=Retry(NoBackoff(), 0))
     usage = "use redis://[user:password@]host:port/db, rediss://... or unix:///path"
     try:
         if url.startswith("unix://"):
@@ -159,10 +162,11 @@ class ControlPlane:
                 args.extend(item)
             # Generated ids differ on every call, so a retry is recognised by the rest;
             # the chunk's offset keeps the chunks of one call apart.
-            content = None if request_id is None else [start] + [
+            content = None if request_id is None else [start, len(encoded)] + [
                 part for task_id, size, generated, record in chunk
                 for part in ("" if generated else task_id, size, record)]
-            fresh += [_args.text(i) for i in self._run("ingest_prompts", args, request_id, content=content)]
+            with steps_so_far(start, len(encoded)):
+                fresh += [_args.text(i) for i in self._run("ingest_prompts", args, request_id, content=content)]
         return fresh
 
     def enqueue_offline_refs(self, refs: Iterable[SampleRef], request_id: Optional[str] = None) -> list[str]:
@@ -179,7 +183,9 @@ class ControlPlane:
             args: list = ["", 1, len(chunk)]
             for ref in chunk:
                 args += [ref.sample_id, ref.source_task_id or "", "", encode_ref(ref)]
-            fresh += [_args.text(s) for s in self._run("commit_samples", args, request_id, content=[start, *args])]
+            with steps_so_far(start, len(checked)):
+                fresh += [_args.text(s) for s in self._run("commit_samples", args, request_id,
+                                                           content=[start, len(checked), *args])]
         return fresh
 
     def _check_record_sizes(self, records: Iterable[tuple[str, str]]) -> None:
@@ -366,7 +372,9 @@ class ControlPlane:
 
     @retried_read
     def delete(self) -> int:
-        """Delete every key of this run (irreversible). Returns the number of keys removed."""
+        """Delete every key of this run (irreversible). Returns the number of keys removed
+        (short of the true number when a lost connection made it start over: the keys
+        an earlier try removed are gone all the same)."""
         removed = 0
         batch = []
         for key in self.redis.scan_iter(match=self.keys.pattern(), count=1000):

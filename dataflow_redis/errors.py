@@ -7,6 +7,9 @@ caller never sees a raw Lua traceback.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 
 class DataflowError(Exception):
     """Base class of every error this library raises on purpose."""
@@ -78,3 +81,18 @@ def from_script_error(message: str) -> DataflowError:
     if cls is None:
         return ScriptError(f"unexpected error from Redis script: {message}")
     return cls(rest)
+
+
+@contextlib.contextmanager
+def steps_so_far(done: int, total: int) -> Iterator[None]:
+    """Around one step of a call split into atomic steps: an error of a later step says
+    that the call's earlier steps were applied (``done`` of its ``total`` items), where
+    a one-step call's message would say the call changed nothing."""
+    try:
+        yield
+    except DataflowError as exc:
+        if not done:
+            raise
+        message = str(exc).replace("this call changed nothing", "this step changed nothing")
+        raise type(exc)(f"{message} (the call's earlier steps handled {done} of its {total} items; "
+                        "the same call with the same request_id repeats none of them)") from None

@@ -6,9 +6,10 @@ re-granted (see docs/design.md, "Leases, deadlines, fencing")."""
 from __future__ import annotations
 
 import uuid
-from typing import TYPE_CHECKING, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Optional, Sequence
 
 from . import _args
+from .errors import steps_so_far
 from .keys import validate_item_id
 
 if TYPE_CHECKING:
@@ -45,27 +46,29 @@ class LeaseHolder:
         """Ids of the leases this holder believes it holds."""
         return list(self._tokens)
 
-    def _hand_back(self, script: str, head: Sequence, ids: Iterable[str],
-                   request_id: Optional[str], head_before_last: Optional[Sequence] = None) -> list[str]:
+    def _hand_back(self, script: str, head: Sequence, ids: Iterable[str], request_id: Optional[str],
+                   heads: Optional[Callable[[bool, bool], Sequence]] = None) -> list[str]:
         """Run a script whose ARGV is ``head`` then (id, token) pairs and which releases
         those leases; returns the ids it affected. The ids stop being held either way.
-        Up to HAND_BACK_CHUNK ids per script call; the calls before the last one get
-        ``head_before_last`` when given (an ack moves its durable marker with the last)."""
+        Up to HAND_BACK_CHUNK ids per script call (an atomic step); ``heads(first,
+        last)``, when given, is the head of each step (an ack checks its step with the
+        first and moves its durable marker with the last)."""
         ids = list(ids)
         affected: list[str] = []
         for start in range(0, max(1, len(ids)), HAND_BACK_CHUNK):
             chunk = ids[start:start + HAND_BACK_CHUNK]
             last = start + HAND_BACK_CHUNK >= len(ids)
-            chunk_head = list(head if last or head_before_last is None else head_before_last)
-            args = list(chunk_head)
+            step_head = list(head if heads is None else heads(start == 0, last))
+            args = list(step_head)
             for item_id in chunk:
                 args += [item_id, self._tokens.get(item_id, "")]
             # The tokens stay out of the reply-cache content: a retry after the first try
-            # went through (and dropped them) must still find its reply. The offset keeps
-            # the steps of one call apart.
-            content = None if request_id is None else [start, *chunk_head, *chunk]
-            affected += [_args.text(i) for i in self.cp._run(script, args, request_id, scope=self.holder_id,
-                                                             content=content)]
+            # went through (and dropped them) must still find its reply. The offset and
+            # size keep the steps of one call apart, and from other calls.
+            content = None if request_id is None else [start, len(ids), *step_head, *chunk]
+            with steps_so_far(start, len(ids)):
+                affected += [_args.text(i) for i in self.cp._run(script, args, request_id, scope=self.holder_id,
+                                                                 content=content)]
             for item_id in chunk:
                 self._tokens.pop(item_id, None)
         return affected

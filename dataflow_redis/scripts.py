@@ -305,6 +305,11 @@ class ScriptRunner:
         while True:
             try:
                 return read(*args, **kwargs)
+            except redis.exceptions.ReadOnlyError as exc:  # a write (delete) met a replica: as for a script
+                pool = getattr(self.client, "connection_pool", None)
+                if pool is not None:
+                    pool.disconnect()
+                retry.wait(exc)
             except redis.ResponseError as exc:
                 if not is_busy(exc):
                     raise translate_error(exc) from None

@@ -98,22 +98,27 @@ class Trainer(LeaseHolder):
         """Ack consumed refs at an optimizer step; returns the ids newly acked.
 
         One atomic step records the ids, ``global_step`` and ``optimizer_durable`` and
-        releases the leases (one step per 1,000 ids; with a ``global_step`` the durable
-        marker moves with the last, see docs/design.md). A ``global_step`` below the recorded one raises
-        :class:`~dataflow_redis.errors.StepRegression`. See docs/design.md for the
-        recovery rule for non-durable acks.
+        releases the leases (one step per 1,000 ids: the first checks ``global_step``,
+        the last moves the durable marker). A ``global_step`` below the recorded one
+        raises :class:`~dataflow_redis.errors.StepRegression`; without one the ack
+        belongs after the last durable checkpoint. See docs/design.md for the recovery
+        rule for non-durable acks.
         """
         ids = _args.ids(sample_ids, "sample id")
         if global_step is not None and (type(global_step) is not int or not 0 <= global_step < 2**53):
             raise _args.InvalidArgument(f"global_step must be an int >= 0 or None, got {global_step!r}")
-        step = "" if global_step is None else global_step
-        head = [self.trainer_id, step, int(_args.flag(optimizer_durable, "optimizer_durable"))]
-        # An ack of more than HAND_BACK_CHUNK ids goes in several steps. With a step, the
-        # durable marker moves with the last: a crash in between leaves the earlier ids
-        # as non-durable acks of this step (replayed by a restart from the last
-        # checkpoint). Without a step every part is acked alike (the marker stays put).
-        before_last = [self.trainer_id, step, 0] if global_step is not None else None
-        return self._hand_back("ack_samples", head, ids, request_id, head_before_last=before_last)
+        step = "" if global_step is None else str(global_step)
+        durable = int(_args.flag(optimizer_durable, "optimizer_durable"))
+
+        def heads(first: bool, last: bool) -> list:
+            # An ack of more than HAND_BACK_CHUNK ids goes in several steps. The first
+            # checks the step; the later ones ('+<step>') do not, since another trainer
+            # may record a later step meanwhile. The durable marker moves with the last:
+            # a trainer dying in between leaves the earlier ids as non-durable acks,
+            # which a restart from the last checkpoint replays.
+            return [self.trainer_id, step if first or not step else "+" + step, durable if last else 0]
+
+        return self._hand_back("ack_samples", [], ids, request_id, heads=heads)
 
     def fail(self, sample_ids: Iterable[str], reason: str, retryable: bool = True,
              request_id: Optional[str] = None) -> list[str]:

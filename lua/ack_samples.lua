@@ -3,24 +3,30 @@
 --
 -- KEYS: config counters samples train_leases train_deadlines acked undurable durable
 --       ack_log reply
--- ARGV: [1] trainer_id  [2] global_step ('' = none)  [3] optimizer_durable (1/0)
+-- ARGV: [1] trainer_id
+--       [2] global_step: '' = none (the ack belongs after the last durable checkpoint:
+--           step = max(recorded global_step, durable_global_step + 1)); '+<n>' = step n
+--           for a later part of one call whose first part was checked at n (no
+--           regression check: another trainer may have moved the step in between)
+--       [3] optimizer_durable (1/0)
 --       then pairs at 4 + 2i: sample_id, the grant's lease token (no other token holds it)
 -- Returns: the sample ids newly acked (held by this trainer under its lease token; a
 --   lease counts until it is reclaimed, which may be a little after its deadline).
 --   Unknown, unleased, already-acked or fenced ids ack nothing.
 -- Errors: STEP when global_step is below the recorded durable.global_step (nothing
 --   written).
--- The marker (key durable): global_step = highest step acked; durable_global_step =
---   highest step acked with optimizer_durable = 1. Samples acked by a non-durable ack
---   stay in `undurable` (scored by step, record kept; without a step, just above the
---   durable step) until a durable ack at a step >= theirs; requeue_undurable.lua returns them to the queue when the trainer restarts
---   from its last durable checkpoint. One entry per ack goes to ack_log.
+-- The marker (key durable): global_step = highest step acked (an ack without a step
+--   moves it only when durable); durable_global_step = highest step acked with
+--   optimizer_durable = 1. Samples acked by a non-durable ack stay in `undurable`
+--   (scored by step, record kept) until a durable ack at a step >= theirs;
+--   requeue_undurable.lua returns them to the queue when the trainer restarts from its
+--   last durable checkpoint. One entry per ack goes to ack_log.
 -- Bounded work: an ack drops the records of at most COVER_LIMIT covered samples; when
 --   more are left, durable.covered_left = 1 and the next acks go on (status counts
 --   only samples above durable_global_step as undurable).
 -- Invariants: an id is acked at most once (only a live lease is released); the marker,
 --   the ids and the lease release change together or not at all; global_step never
---   decreases except through requeue_undurable.lua.
+--   decreases except through requeue_undurable.lua; durable_global_step <= global_step.
 -- @include util
 -- @include idset
 
@@ -34,22 +40,23 @@ local cached = cached_reply()
 if cached then return split_words(cached) end
 
 local marker = redis.call('HMGET', K.durable, 'global_step', 'durable_global_step', 'covered_left')
-local recorded_text = marker[1]
+local recorded_text, durable_text = marker[1], marker[2]
 local recorded = tonumber(recorded_text or -1)
-local step = recorded
-if step_arg ~= '' then
+local step
+if step_arg == '' then
+  -- Without a step the ack comes after the last durable checkpoint: scored at that
+  -- checkpoint's own step it would count as covered by it, and a restart from the
+  -- checkpoint would never replay it.
+  step = math.max(recorded, tonumber(durable_text or -1) + 1)
+elseif string.sub(step_arg, 1, 1) == '+' then
+  step = tonumber(string.sub(step_arg, 2))
+else
   step = tonumber(step_arg)
   if step < recorded then
     return refuse('STEP', 'global_step ' .. step_arg .. ' is below the recorded global_step ' ..
       recorded_text .. '; steps only move forward (did a trainer restart from an older checkpoint?)')
   end
 end
-local score = math.max(step, 0)
--- A non-durable ack without a step of its own came after the last durable checkpoint:
--- scored at that checkpoint's step it would count as covered by it, and a restart
--- from the checkpoint would never replay it.
-if step_arg == '' and not durable and marker[2] then score = math.max(score, tonumber(marker[2]) + 1) end
-
 -- Sample i (1-based) has its id at ARGV[2i + 2] and token at ARGV[2i + 3].
 local ids = {}
 for i = 4, #ARGV, 2 do ids[#ids + 1] = ARGV[i] end
@@ -74,7 +81,7 @@ if #acked > 0 then
   if durable then
     call_many('HDEL', K.samples, acked)
   else
-    local score_text, scored = int_text(score), {}
+    local score_text, scored = int_text(step), {}
     for i = 1, #acked do
       scored[2 * i - 1] = score_text
       scored[2 * i] = acked[i]
@@ -84,10 +91,15 @@ if #acked > 0 then
 end
 
 if #acked > 0 then redis.call('HINCRBY', K.counters, 'samples_acked', #acked) end
-if step > recorded then redis.call('HSET', K.durable, 'global_step', step) end
-local covered_upto = marker[3] and marker[2]
-if durable and step >= 0 then
-  covered_upto = int_text(step)
+-- A step-less ack moves the recorded step only when durable (a checkpoint happened),
+-- so that trainers acking more at the recorded step are not refused.
+if step > recorded and (durable or step_arg ~= '') then
+  redis.call('HSET', K.durable, 'global_step', int_text(step))
+end
+local covered_upto = marker[3] and durable_text
+if durable then
+  -- The later part of a call may meet a checkpoint another trainer recorded meanwhile.
+  covered_upto = int_text(math.max(step, tonumber(durable_text or -1)))
   redis.call('HSET', K.durable, 'durable_global_step', covered_upto)
 end
 if covered_upto then
@@ -102,6 +114,7 @@ if covered_upto then
   elseif marker[3] then redis.call('HDEL', K.durable, 'covered_left') end
 end
 redis.call('XADD', K.ack_log, 'MAXLEN', '~', 1000, '*', 'trainer', trainer,
-  'global_step', step_arg, 'optimizer_durable', durable and 1 or 0, 'acked', #acked)
+  'global_step', step_arg == '' and '' or int_text(step), 'optimizer_durable', durable and 1 or 0,
+  'acked', #acked)
 remember_reply(cfg, table.concat(acked, ' '))
 return acked

@@ -152,6 +152,32 @@ def test_a_non_durable_ack_without_a_step_after_a_checkpoint_is_replayed_on_rest
     assert cp.status()["undurable_acked"] == 0 and cp.requeue_undurable() == 0
 
 
+def test_acks_without_a_step_are_covered_by_the_next_durable_ack_without_a_step(cp):
+    """A trainer that never names steps still gets the recovery rule: each durable ack
+    checkpoints what was acked before it, and only what came after is replayed."""
+    t = leased_trainer(cp, ["a", "b", "c", "d", "e"])
+    t.ack(["a"])
+    t.ack(["b"], optimizer_durable=True)          # checkpoints a and b
+    status = cp.status()
+    assert (status["durable_acked"], status["undurable_acked"]) == (2, 0)
+    t.ack(["c"])
+    t.ack(["d"], optimizer_durable=True)          # checkpoints c and d
+    t.ack(["e"])
+    assert cp.status()["undurable_acked"] == 1
+    assert cp.requeue_undurable() == 1 and cp.redis.lrange(cp.keys.train_queue, 0, -1) == ["e"]
+
+
+def test_a_durable_ack_without_a_step_covers_the_acks_without_a_step_before_it(cp):
+    t = leased_trainer(cp, ["a", "b", "c"])
+    t.ack(["a"], global_step=7, optimizer_durable=True)
+    t.ack(["b"])                                    # after the checkpoint at step 7
+    t.ack(["c"], optimizer_durable=True)            # a new checkpoint, with no step named
+    status = cp.status()
+    assert (status["undurable_acked"], status["durable_acked"]) == (0, 3)
+    assert status["durable_global_step"] == status["global_step"] == 8
+    assert cp.requeue_undurable() == 0
+
+
 def test_requeue_undurable_after_an_explicit_step(cp):
     t = leased_trainer(cp, ["a", "b", "c"])
     t.ack(["a"], global_step=1)

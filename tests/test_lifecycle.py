@@ -273,6 +273,63 @@ def test_a_large_ack_goes_in_steps_and_moves_the_durable_marker_with_the_last(cp
     assert (status["samples_acked"], status["durable_global_step"], status["undurable_acked"]) == (8, 5, 0)
 
 
+def test_a_large_ack_is_not_refused_halfway_when_another_trainer_moves_the_step(cp, small_steps):
+    """Data-parallel ranks: rank B records step 6 between two steps of rank A's ack at
+    step 5. A's later steps are not checked again (its first one was), and the durable
+    marker never moves back."""
+    cp.enqueue_offline_refs([make_ref(cp, f"s{i}") for i in range(10)])
+    a, b = cp.trainer("rank-a", lease_s=60), cp.trainer("rank-b", lease_s=60)
+    mine, theirs = [r.sample_id for r in a.lease(9)], [r.sample_id for r in b.lease(1)]
+    run, calls = cp._run, []
+
+    def rank_b_acks_after_the_first_step(name, args, *rest, **kw):
+        calls.append(name)
+        if len(calls) == 2:
+            assert b.ack(theirs, global_step=6, optimizer_durable=True) == theirs
+        return run(name, args, *rest, **kw)
+
+    small_steps.setattr(cp, "_run", rank_b_acks_after_the_first_step)
+    assert sorted(a.ack(mine, global_step=5, optimizer_durable=True)) == sorted(mine)
+    status = cp.status()
+    assert (status["samples_acked"], status["global_step"], status["durable_global_step"]) == (10, 6, 6)
+    assert status["undurable_acked"] == 0 and a.held == []
+
+
+def test_a_large_commit_checks_every_record_before_its_first_step(cp, small_steps):
+    cp.configure(max_record_bytes=2048)
+    cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(9)])
+    w = cp.rollout_worker("w", lease_s=60)
+    tasks = w.lease(9)
+    refs = [make_ref(cp, f"s{i}", t.task_id) for i, t in enumerate(tasks)]
+    refs[-1] = make_ref(cp, "s8", tasks[-1].task_id, metadata={"note": "x" * 4000})
+    before = dump_run(cp)
+    with pytest.raises(RecordTooLarge, match="record s8"):
+        w.commit(refs)
+    assert dump_run(cp) == before
+
+
+def test_an_error_in_a_later_step_says_what_the_earlier_steps_did(cp, small_steps):
+    from dataflow_redis import OutOfMemory
+    cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(9)])
+    w = cp.rollout_worker("w", lease_s=60)
+    ids = [t.task_id for t in w.lease(9)]
+    run, calls = cp._run, []
+
+    def full_at_the_second_step(name, args, *rest, **kw):
+        calls.append(name)
+        if len(calls) == 2:
+            raise OutOfMemory("Redis is at its maxmemory ...; this call changed nothing. Trainers still lease")
+        return run(name, args, *rest, **kw)
+
+    small_steps.setattr(cp, "_run", full_at_the_second_step)
+    with pytest.raises(OutOfMemory) as info:
+        w.fail(ids, "bad batch", retryable=False)
+    message = str(info.value)
+    assert "this call changed nothing" not in message and "this step changed nothing" in message
+    assert "earlier steps handled 4 of its 9 items" in message
+    assert len(cp.dead_letters()) == 4
+
+
 def test_a_large_fail_goes_in_steps(cp, small_steps):
     cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(9)])
     w = cp.rollout_worker("w", lease_s=60)

@@ -96,6 +96,9 @@ def test_a_server_that_cannot_persist_refuses_writes_with_a_clear_error_and_chan
             with pytest.raises(WritesRefused, match=r"cannot persist.*MISCONF.*changed nothing"):
                 call()
         assert dump_run(cp) == before and cp.status()["prompts_pending"] == 1
+        # Reads go on even on a connection idle for long: connect() sets no health
+        # check, whose PING Redis refuses under MISCONF.
+        assert not cp.redis.connection_pool.connection_kwargs.get("health_check_interval")
         result = cli_runner().invoke(main, ["--redis-url", server.url, "--run", "misconf-run", "pause",
                                             "--reason", "x"])
         assert result.exit_code == 1 and "cannot persist" in result.output and "Traceback" not in result.output
