@@ -91,17 +91,20 @@ if #acked > 0 then
 end
 
 if #acked > 0 then redis.call('HINCRBY', K.counters, 'samples_acked', #acked) end
+local marker_writes = {}
 -- A step-less ack moves the recorded step only when durable (a checkpoint happened),
 -- so that trainers acking more at the recorded step are not refused.
 if step > recorded and (durable or step_arg ~= '') then
-  redis.call('HSET', K.durable, 'global_step', int_text(step))
+  marker_writes[1], marker_writes[2] = 'global_step', int_text(step)
 end
 local covered_upto = marker[3] and durable_text
 if durable then
   -- The later part of a call may meet a checkpoint another trainer recorded meanwhile.
   covered_upto = int_text(math.max(step, tonumber(durable_text or -1)))
-  redis.call('HSET', K.durable, 'durable_global_step', covered_upto)
+  marker_writes[#marker_writes + 1] = 'durable_global_step'
+  marker_writes[#marker_writes + 1] = covered_upto
 end
+call_many('HSET', K.durable, marker_writes)
 if covered_upto then
   -- Samples consumed up to the durable step are covered by a checkpoint: their
   -- records go, a bounded number per call.
