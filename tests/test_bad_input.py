@@ -255,8 +255,9 @@ CASES = [
     ("wrong-password-on-a-read", lambda r: ControlPlane.from_url(
         f"redis://:wrong@127.0.0.1:{r.password_server.port}/0", "ok").exists(),
      AuthenticationFailed, "Redis refused the credentials"),
-    ("redis-not-there-on-a-read", lambda r: ControlPlane.from_url(f"redis://127.0.0.1:{free_port()}/0", "ok")
-     .settings(), ConnectionFailed, "Redis unreachable .*check that it is running"),
+    ("redis-not-there-on-a-read", lambda r: ControlPlane.from_url(f"redis://127.0.0.1:{free_port()}/0", "ok",
+                                                                  retry_s=0.3).settings(),
+     ConnectionFailed, r"Redis unreachable for 0\.\ds .*check that it is running"),
     ("redis-not-there", lambda r: ControlPlane.from_url(f"redis://127.0.0.1:{free_port()}/0", "ok",
                                                         retry_s=0.3).status(),
      ConnectionFailed, "Redis unreachable .*check that it is running"),
