@@ -271,12 +271,8 @@ class ScriptRunner:
                 load = True
             except redis.exceptions.ReadOnlyError as exc:
                 # A replica: the primary failed over, or the URL names a replica. A
-                # script fails at its first write there, so nothing was written. Drop
-                # the pooled connections (the next one resolves the host name again,
-                # as a failover endpoint needs) and retry like a lost connection.
-                pool = getattr(self.client, "connection_pool", None)  # RedisCluster redirects itself
-                if pool is not None:
-                    pool.disconnect()
+                # script fails at its first write there, so nothing was written.
+                self._drop_connections()
                 retry = retry or Retry(self.retry_s, started)
                 retry.wait(exc)
             except redis.ResponseError as exc:
@@ -297,6 +293,14 @@ class ScriptRunner:
                 retry = retry or Retry(self.retry_s, started)
                 retry.wait(exc)
 
+    def _drop_connections(self) -> None:
+        """Close the pooled connections after READONLY: the next one resolves the host
+        name again, as an endpoint that follows failovers needs (RedisCluster has no
+        pool here: it follows redirects itself)."""
+        pool = getattr(self.client, "connection_pool", None)
+        if pool is not None:
+            pool.disconnect()
+
     def read(self, read: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``read(*args, **kwargs)``: plain Redis reads (no script), retried as a script
         call is (they change nothing, so a repeat is harmless), with this library's
@@ -306,9 +310,7 @@ class ScriptRunner:
             try:
                 return read(*args, **kwargs)
             except redis.exceptions.ReadOnlyError as exc:  # a write (delete) met a replica: as for a script
-                pool = getattr(self.client, "connection_pool", None)
-                if pool is not None:
-                    pool.disconnect()
+                self._drop_connections()
                 retry.wait(exc)
             except redis.ResponseError as exc:
                 if not is_busy(exc):
