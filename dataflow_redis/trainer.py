@@ -101,8 +101,8 @@ class Trainer(LeaseHolder):
         releases the leases (one step per 1,000 ids: the first checks ``global_step``,
         the last moves the durable marker). A ``global_step`` below the recorded one
         raises :class:`~dataflow_redis.errors.StepRegression`; without one the ack
-        belongs after the last durable checkpoint. See docs/design.md for the recovery
-        rule for non-durable acks.
+        counts at the recorded step. See docs/design.md for the recovery rule for
+        non-durable acks (it needs named steps).
         """
         ids = _args.ids(sample_ids, "sample id")
         if global_step is not None and (type(global_step) is not int or not 0 <= global_step < 2**53):

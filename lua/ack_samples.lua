@@ -4,10 +4,11 @@
 -- KEYS: config counters samples train_leases train_deadlines acked undurable durable
 --       ack_log reply
 -- ARGV: [1] trainer_id
---       [2] global_step: '' = none (the ack belongs after the last durable checkpoint:
---           step = max(recorded global_step, durable_global_step + 1)); '+<n>' = step n
---           for a later part of one call whose first part was checked at n (no
---           regression check: another trainer may have moved the step in between)
+--       [2] global_step: '' = none (the ack counts at the recorded global_step, and a
+--           durable one checkpoints that step; with no step recorded yet it records
+--           nothing durable); '+<n>' = step n for a later part of one call whose first
+--           part was checked at n (no regression check: another trainer may have moved
+--           the step in between)
 --       [3] optimizer_durable (1/0)
 --       then pairs at 4 + 2i: sample_id, the grant's lease token (no other token holds it)
 -- Returns: the sample ids newly acked (held by this trainer under its lease token; a
@@ -15,12 +16,11 @@
 --   Unknown, unleased, already-acked or fenced ids ack nothing.
 -- Errors: STEP when global_step is below the recorded durable.global_step (nothing
 --   written).
--- The marker (key durable): global_step = highest step acked (an ack without a step
---   moves it only when durable); durable_global_step = highest step acked with
---   optimizer_durable = 1. Samples acked by a non-durable ack stay in `undurable`
---   (scored by step, record kept) until a durable ack at a step >= theirs;
---   requeue_undurable.lua returns them to the queue when the trainer restarts from its
---   last durable checkpoint. One entry per ack goes to ack_log.
+-- The marker (key durable): global_step = highest step acked; durable_global_step =
+--   highest step acked with optimizer_durable = 1. Samples acked by a non-durable ack
+--   stay in `undurable` (scored by step, record kept) until a durable ack at a step >=
+--   theirs; requeue_undurable.lua returns them to the queue when the trainer restarts
+--   from its last durable checkpoint. One entry per ack goes to ack_log.
 -- Bounded work: an ack drops the records of at most COVER_LIMIT covered samples; when
 --   more are left, durable.covered_left = 1 and the next acks go on (status counts
 --   only samples above durable_global_step as undurable).
@@ -44,10 +44,10 @@ local recorded_text, durable_text = marker[1], marker[2]
 local recorded = tonumber(recorded_text or -1)
 local step
 if step_arg == '' then
-  -- Without a step the ack comes after the last durable checkpoint: scored at that
-  -- checkpoint's own step it would count as covered by it, and a restart from the
-  -- checkpoint would never replay it.
-  step = math.max(recorded, tonumber(durable_text or -1) + 1)
+  -- Without a step the ack counts at the recorded step (after a durable ack at that
+  -- step, as covered by it): only a trainer's own steps can tell what a checkpoint
+  -- holds, and a step made up here would collide with a real one.
+  step = recorded
 elseif string.sub(step_arg, 1, 1) == '+' then
   step = tonumber(string.sub(step_arg, 2))
 else
@@ -81,7 +81,7 @@ if #acked > 0 then
   if durable then
     call_many('HDEL', K.samples, acked)
   else
-    local score_text, scored = int_text(step), {}
+    local score_text, scored = int_text(math.max(step, 0)), {}
     for i = 1, #acked do
       scored[2 * i - 1] = score_text
       scored[2 * i] = acked[i]
@@ -92,13 +92,9 @@ end
 
 if #acked > 0 then redis.call('HINCRBY', K.counters, 'samples_acked', #acked) end
 local marker_writes = {}
--- A step-less ack moves the recorded step only when durable (a checkpoint happened),
--- so that trainers acking more at the recorded step are not refused.
-if step > recorded and (durable or step_arg ~= '') then
-  marker_writes[1], marker_writes[2] = 'global_step', int_text(step)
-end
+if step > recorded then marker_writes[1], marker_writes[2] = 'global_step', int_text(step) end
 local covered_upto = marker[3] and durable_text
-if durable then
+if durable and step >= 0 then
   -- The later part of a call may meet a checkpoint another trainer recorded meanwhile.
   covered_upto = int_text(math.max(step, tonumber(durable_text or -1)))
   marker_writes[#marker_writes + 1] = 'durable_global_step'

@@ -134,48 +134,28 @@ def test_requeue_undurable_returns_acks_after_the_last_durable_step(cp):
     assert (status["durable_global_step"], status["samples_acked"], status["train_backlog"]) == (2, 4, 0)
 
 
-def test_a_non_durable_ack_without_a_step_after_a_checkpoint_is_replayed_on_restart(cp):
-    """An ack with no global_step comes after the last durable checkpoint: it must not
-    count as covered by that checkpoint (it would be lost on a restart from it)."""
-    t = leased_trainer(cp, ["a", "b", "c"])
-    t.ack(["a"], global_step=7, optimizer_durable=True)
-    t.ack(["b"])                                    # no step, not durable
-    status = cp.status()
-    assert (status["durable_acked"], status["undurable_acked"]) == (1, 1)
-    assert cp.requeue_undurable() == 1
-    assert cp.redis.lrange(cp.keys.train_queue, 0, -1) == ["b"]
-    # A later durable checkpoint covers such an ack as usual.
-    t.ack(["c"])
-    t2 = cp.trainer(trainer_id="tr2")
-    assert [r.sample_id for r in t2.lease(1)] == ["b"]
-    t2.ack(["b"], global_step=8, optimizer_durable=True)
-    assert cp.status()["undurable_acked"] == 0 and cp.requeue_undurable() == 0
-
-
-def test_acks_without_a_step_are_covered_by_the_next_durable_ack_without_a_step(cp):
-    """A trainer that never names steps still gets the recovery rule: each durable ack
-    checkpoints what was acked before it, and only what came after is replayed."""
+def test_an_ack_without_a_step_counts_at_the_recorded_step(cp):
+    """No step named: the ack counts at the recorded global_step, and a durable one
+    checkpoints that step. So after a durable ack at step 7 a step-less ack counts as
+    covered by it (only the trainer knows it came after; naming the step says so), and
+    with no step recorded at all a durable ack records nothing durable."""
     t = leased_trainer(cp, ["a", "b", "c", "d", "e"])
-    t.ack(["a"])
-    t.ack(["b"], optimizer_durable=True)          # checkpoints a and b
+    t.ack(["a"], optimizer_durable=True)            # no step on record yet
     status = cp.status()
-    assert (status["durable_acked"], status["undurable_acked"]) == (2, 0)
-    t.ack(["c"])
-    t.ack(["d"], optimizer_durable=True)          # checkpoints c and d
-    t.ack(["e"])
-    assert cp.status()["undurable_acked"] == 1
-    assert cp.requeue_undurable() == 1 and cp.redis.lrange(cp.keys.train_queue, 0, -1) == ["e"]
-
-
-def test_a_durable_ack_without_a_step_covers_the_acks_without_a_step_before_it(cp):
-    t = leased_trainer(cp, ["a", "b", "c"])
-    t.ack(["a"], global_step=7, optimizer_durable=True)
-    t.ack(["b"])                                    # after the checkpoint at step 7
-    t.ack(["c"], optimizer_durable=True)            # a new checkpoint, with no step named
+    assert (status["global_step"], status["durable_global_step"]) == (None, None)
+    t.ack(["b"], global_step=7, optimizer_durable=True)
+    t.ack(["c"])                                    # counts at step 7: covered
+    t.ack(["d"], global_step=8)                     # named: after the checkpoint
+    t.ack(["e"])                                    # counts at step 8 now
     status = cp.status()
-    assert (status["undurable_acked"], status["durable_acked"]) == (0, 3)
-    assert status["durable_global_step"] == status["global_step"] == 8
-    assert cp.requeue_undurable() == 0
+    assert (status["global_step"], status["durable_global_step"], status["undurable_acked"]) == (8, 7, 2)
+    assert cp.requeue_undurable() == 2
+    assert sorted(cp.redis.lrange(cp.keys.train_queue, 0, -1)) == ["d", "e"]
+    t2 = cp.trainer(trainer_id="tr2")
+    assert sorted(t2.ack([r.sample_id for r in t2.lease(2)], optimizer_durable=True)) == ["d", "e"]
+    status = cp.status()                            # a step-less durable ack at the recorded 7
+    assert (status["global_step"], status["durable_global_step"], status["undurable_acked"]) == (7, 7, 0)
+    assert [(e["global_step"], e["optimizer_durable"]) for e in ack_log(cp)][-1] == ("", "1")
 
 
 def test_requeue_undurable_after_an_explicit_step(cp):
