@@ -120,5 +120,8 @@ if #fresh > 0 then
   redis.call('HINCRBY', K.counters, 'samples_committed', #fresh)
   wake_trainers(#fresh)
 end
-remember_reply(cfg, table.concat(fresh, ' '))
+-- A call that released leases or fenced refs but accepted nothing changed state all
+-- the same: its empty reply is cached too (as ' '), or a retry would find no token
+-- held any more and count every ref as fenced.
+remember_reply(cfg, #fresh > 0 and table.concat(fresh, ' ') or ((done > 0 or fenced > 0) and ' ' or ''))
 return fresh

@@ -151,6 +151,22 @@ def test_lost_offline_enqueue_reply_enqueues_once(proxied):
     assert counters(direct)["samples_committed"] == 1
 
 
+def test_lost_reply_of_a_commit_that_accepted_nothing_counts_nothing_twice(proxied):
+    """A commit of a duplicate still releases its lease, and returns nothing. Its empty
+    reply is cached like any other: a retry must not find the lease gone and count
+    the ref as fenced."""
+    direct, cp, proxy = proxied
+    direct.ingest_prompts([{"task_id": "t0"}, {"task_id": "t1"}])
+    worker = cp.rollout_worker("w-dup", lease_s=60)
+    worker.lease(2)
+    assert worker.commit([make_ref(direct, "dup-sample", "t0")]) == ["dup-sample"]
+    proxy.drop_replies(b"w-dup", times=1)
+    assert worker.commit([make_ref(direct, "dup-sample", "t1")]) == []   # a duplicate sample id
+    assert proxy.dropped == 1
+    assert counters(direct).get("fenced_commits", 0) == 0
+    assert direct.worker_inflight() == {} and direct.status()["prompts_done"] == 2
+
+
 def _sha(name: str) -> bytes:
     return hashlib.sha1(load_scripts()[name].source.encode()).hexdigest().encode()
 
