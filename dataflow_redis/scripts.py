@@ -188,10 +188,14 @@ class Retry:
                 raise errors.ConnectionFailed(
                     f"Redis answered as a read-only replica for {elapsed:.1f}s ({exc}); point the "
                     "URL at the primary (or at an endpoint that follows failovers)") from None
-            if isinstance(exc, redis.ResponseError):
+            if is_busy(exc):
                 raise errors.ConnectionFailed(
                     f"Redis stayed busy running another client's script for {elapsed:.1f}s ({exc}); "
                     "find it with SLOWLOG GET, end it with SCRIPT KILL") from None
+            if isinstance(exc, redis.ResponseError):
+                raise errors.ConnectionFailed(
+                    f"Redis kept refusing the call for {elapsed:.1f}s ({exc}); check the state of the "
+                    "server or cluster (CLUSTER INFO, INFO replication)") from None
             raise errors.ConnectionFailed(
                 f"Redis unreachable for {elapsed:.1f}s ({exc}); check that it is "
                 "running and that the URL is right"
@@ -276,10 +280,10 @@ class ScriptRunner:
                 retry = retry or Retry(self.retry_s, started)
                 retry.wait(exc)
             except redis.ResponseError as exc:
-                if not is_busy(exc):
+                if not is_transient(exc):
                     raise translate_error(exc) from None
-                # Another client's script is still running (past busy-reply-threshold):
-                # ours was not run, so it is retried like a lost connection.
+                # Another client's script is still running, or the cluster is between
+                # states: ours was not run, so it is retried like a lost connection.
                 retry = retry or Retry(self.retry_s, started)
                 retry.wait(exc)
             except UnicodeEncodeError as exc:  # raised while packing the call: nothing was sent
@@ -313,7 +317,7 @@ class ScriptRunner:
                 self._drop_connections()
                 retry.wait(exc)
             except redis.ResponseError as exc:
-                if not is_busy(exc):
+                if not is_transient(exc):
                     raise translate_error(exc) from None
                 retry.wait(exc)
             except redis.AuthenticationError as exc:
@@ -338,6 +342,19 @@ def is_busy(exc: BaseException) -> bool:
     """Whether ``exc`` is Redis's BUSY reply: another client's script is running past
     busy-reply-threshold, and the refused command was not run (safe to retry)."""
     return isinstance(exc, redis.ResponseError) and str(exc).startswith("BUSY")
+
+
+_PASSING_STATES = ("BUSY", "UNBLOCKED", "CLUSTERDOWN", "TRYAGAIN", "MASTERDOWN", "LOADING")
+"""Error replies for a state that passes, for a command Redis did not run: a script
+running past busy-reply-threshold, a blocked command ended by a failover, a cluster
+without a slot's master or moving a slot, a replica without its master, a server
+loading its data."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is an error reply that a retry may outlive (see _PASSING_STATES)."""
+    return isinstance(exc, (redis.exceptions.ClusterDownError, redis.exceptions.TryAgainError)) or (
+        isinstance(exc, redis.ResponseError) and str(exc).startswith(_PASSING_STATES))
 
 
 def translate_error(exc: redis.ResponseError) -> errors.DataflowError:

@@ -23,7 +23,7 @@ import redis
 from . import _args
 from .holder import LeaseHolder
 from .records import SampleRef, decode_ref
-from .scripts import RETRYABLE, is_busy, translate_error
+from .scripts import RETRYABLE, is_transient, translate_error
 
 if TYPE_CHECKING:
     from .control_plane import ControlPlane
@@ -45,8 +45,9 @@ class Trainer(LeaseHolder):
     def __init__(self, cp: "ControlPlane", trainer_id: Optional[str] = None, lease_s: float = 60.0) -> None:
         super().__init__(cp, trainer_id, lease_s, "trainer id")
         self.trainer_id = self.holder_id
-        pool = getattr(cp.redis, "connection_pool", None)  # RedisCluster has none
-        socket_timeout = pool.connection_kwargs.get("socket_timeout") if pool else None
+        # A Redis client keeps its settings in its pool; a RedisCluster in its nodes manager.
+        holder = getattr(cp.redis, "connection_pool", None) or getattr(cp.redis, "nodes_manager", None)
+        socket_timeout = getattr(holder, "connection_kwargs", {}).get("socket_timeout")
         self._block_slice_s = (min(MAX_BLOCK_SLICE_S, UNKNOWN_TIMEOUT_SLICE_S) if not socket_timeout
                                else min(MAX_BLOCK_SLICE_S, max(0.05, 0.8 * socket_timeout)))
 
@@ -73,7 +74,8 @@ class Trainer(LeaseHolder):
             except (*RETRYABLE, redis.ResponseError) as exc:
                 # The next lease call retries or reports a lasting problem; only errors
                 # no retry can mend (an ACL without BLPOP) are raised here.
-                if isinstance(exc, redis.ResponseError) and not is_busy(exc):
+                if isinstance(exc, redis.ResponseError) and not (
+                        is_transient(exc) or isinstance(exc, redis.exceptions.ReadOnlyError)):
                     raise translate_error(exc) from None
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 

@@ -242,13 +242,17 @@ def test_wake_up_tokens_stay_capped_while_nobody_waits(cp):
 
 
 def test_an_error_reply_to_the_wait_is_retried_if_transient_else_reported(cp, monkeypatch):
-    # BUSY (another client's script is running) only delays the wait; an error no
-    # retry can mend (an ACL without BLPOP) surfaces as the library's error at once.
+    # BUSY (another client's script is running), UNBLOCKED and READONLY (a failover
+    # demoted the node) only delay the wait; an error no retry can mend (an ACL
+    # without BLPOP) surfaces as the library's error at once.
     import redis
 
     from dataflow_redis import AuthenticationFailed
 
-    replies = iter([redis.ResponseError("BUSY Redis is busy running a script."), None])
+    replies = iter([redis.ResponseError("BUSY Redis is busy running a script."),
+                    redis.ResponseError("UNBLOCKED force unblock from blocking operation, instance state "
+                                        "changed (master -> replica?)"),
+                    redis.exceptions.ReadOnlyError("You can't write against a read only replica."), None])
     real_blpop = cp.redis.blpop
 
     def blpop(keys, timeout=0):

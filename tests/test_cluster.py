@@ -72,3 +72,32 @@ def test_full_lifecycle_on_cluster(cluster, run_id):
     assert len(keys) >= 10
     assert len({cluster.keyslot(k) for k in keys}) == 1
     assert cp.delete() == len(keys)
+
+
+def test_a_cluster_client_keeps_its_settings_for_trainers_and_retries_a_cluster_in_transition(cluster, run_id,
+                                                                                              monkeypatch):
+    """A trainer on a RedisCluster client waits in slices of its socket timeout (the
+    settings live in the nodes manager, not a pool), and CLUSTERDOWN / TRYAGAIN (a
+    slot without its master, a slot being moved) are retried, not reported as a bug."""
+    import redis as redis_module
+
+    host, port = cluster.get_default_node().host, cluster.get_default_node().port
+    client = RedisCluster(host=host, port=port, decode_responses=True, socket_timeout=1.0)
+    try:
+        cp = ControlPlane(client, run_id=run_id)
+        assert cp.trainer("tr")._block_slice_s == pytest.approx(0.8)
+        failures = iter([redis_module.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
+                         redis_module.exceptions.TryAgainError("TRYAGAIN Multiple keys request during rehashing")])
+        real = client.execute_command
+
+        def flaky(*args, **kwargs):
+            failure = next(failures, None) if args[0] == "EVALSHA" else None
+            if failure:
+                raise failure
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(client, "execute_command", flaky)
+        assert cp.ingest_prompts([{"task_id": "t0"}]) == ["t0"]
+        assert next(failures, "used") == "used"
+    finally:
+        client.close()
