@@ -54,7 +54,9 @@ class WritesRefused(DataflowError, RuntimeError):
 
 
 class ScriptError(DataflowError, RuntimeError):
-    """A script failed in a way it did not anticipate; this is a bug in dataflow-redis."""
+    """A script failed in a way it did not anticipate (a bug in dataflow-redis), or the
+    run needs a step first (``ControlPlane.migrate()`` for a run made by 0.1.0), or
+    Redis keeps forgetting scripts; the message says which."""
 
 
 _BY_CODE = {
@@ -94,5 +96,5 @@ def steps_so_far(done: int, total: int) -> Iterator[None]:
         if not done:
             raise
         message = str(exc).replace("this call changed nothing", "this step changed nothing")
-        raise type(exc)(f"{message} (the call's earlier steps handled {done} of its {total} items; "
-                        "the same call with the same request_id repeats none of them)") from None
+        raise type(exc)(f"{message} (the call's earlier steps handled {done} of its {total} items, "
+                        "which stay handled)") from None

@@ -47,6 +47,7 @@ end
 if #ids > 0 then
   redis.call('HINCRBY', K.counters, 'samples_acked', -#ids)
   wake_trainers(#ids)
-  remember_reply(cfg, int_text(#ids))
 end
+-- Cached even when 0: a retry must not requeue an ack made since the first try.
+remember_reply(cfg, int_text(#ids))
 return #ids
