@@ -375,6 +375,12 @@ def translate_error(exc: redis.ResponseError) -> errors.DataflowError:
             "Redis is at its maxmemory and refuses writes that add data (maxmemory-policy "
             "noeviction); this call changed nothing. Trainers still lease, heartbeat and ack: "
             "let them drain the queue, delete finished runs, or raise maxmemory")
+    if message.startswith("NOAUTH") or message.startswith("Protocol error: unauthenticated"):
+        # No password given to a server that wants one: Redis answers a long first
+        # command (a script call) from an unauthenticated client with a protocol error.
+        return errors.AuthenticationFailed(
+            f"Redis refused the credentials: the server requires authentication ({message}); "
+            "put the user and password in the URL")
     if "MISCONF" in message[:10]:
         # Redis checks this at a script's first write, so the call wrote nothing.
         return errors.WritesRefused(
