@@ -113,12 +113,15 @@ class Trainer(LeaseHolder):
         durable = int(_args.flag(optimizer_durable, "optimizer_durable"))
 
         def heads(first: bool, last: bool) -> list:
-            # An ack of more than HAND_BACK_CHUNK ids goes in several steps. The first
-            # checks the step; the later ones ('+<step>') do not, since another trainer
-            # may record a later step meanwhile. The durable marker moves with the last:
-            # a trainer dying in between leaves the earlier ids as non-durable acks,
-            # which a restart from the last checkpoint replays.
-            return [self.trainer_id, step if first or not step else "+" + step, durable if last else 0]
+            # An ack of more than HAND_BACK_CHUNK ids goes in several steps. With a step,
+            # the first checks it; the later ones ('+<step>') are not refused because
+            # another trainer recorded a later step meanwhile. The durable marker moves
+            # with the last: a trainer dying in between leaves the earlier ids as
+            # non-durable acks, which a restart from the last checkpoint replays.
+            # Without a step there is no checkpoint to move: every step is acked alike.
+            if not step:
+                return [self.trainer_id, "", durable]
+            return [self.trainer_id, step if first else "+" + step, durable if last else 0]
 
         return self._hand_back("ack_samples", [], ids, request_id, heads=heads)
 

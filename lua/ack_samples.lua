@@ -8,7 +8,7 @@
 --           durable one checkpoints that step; with no step recorded yet it records
 --           nothing durable); '+<n>' = step n for a later part of one call whose first
 --           part was checked at n (no regression check: another trainer may have moved
---           the step in between)
+--           the step on in between; refused with STEP if the run was rolled back below n)
 --       [3] optimizer_durable (1/0)
 --       then pairs at 4 + 2i: sample_id, the grant's lease token (no other token holds it)
 -- Returns: the sample ids newly acked (held by this trainer under its lease token; a
@@ -50,6 +50,14 @@ if step_arg == '' then
   step = recorded
 elseif string.sub(step_arg, 1, 1) == '+' then
   step = tonumber(string.sub(step_arg, 2))
+  -- The call's first step recorded at least this step; only requeue_undurable moves
+  -- the record back, so a lower record means the run was rolled back meanwhile and
+  -- this ack belongs to a trainer state that no longer counts.
+  if step > recorded then
+    return refuse('STEP', 'global_step ' .. string.sub(step_arg, 2) .. ' is above the recorded global_step ' ..
+      (recorded_text or 'none') .. ': the run was rolled back (requeue_undurable) while this ack was ' ..
+      'under way; ack again from the restored checkpoint')
+  end
 else
   step = tonumber(step_arg)
   if step < recorded then
@@ -115,5 +123,8 @@ end
 redis.call('XADD', K.ack_log, 'MAXLEN', '~', 1000, '*', 'trainer', trainer,
   'global_step', step_arg == '' and '' or int_text(step), 'optimizer_durable', durable and 1 or 0,
   'acked', #acked)
-remember_reply(cfg, table.concat(acked, ' '))
+-- Every ack changes state (the ack log, maybe the marker) even when it acks no id: its
+-- reply is cached either way (an empty one as ' '), so a retry finds it instead of
+-- running again against a marker that may have moved.
+remember_reply(cfg, #acked > 0 and table.concat(acked, ' ') or ' ')
 return acked

@@ -295,6 +295,47 @@ def test_a_large_ack_is_not_refused_halfway_when_another_trainer_moves_the_step(
     assert status["undurable_acked"] == 0 and a.held == []
 
 
+def test_a_large_durable_ack_without_a_step_is_durable_in_every_step(cp, small_steps):
+    """No step named, none on record: there is no checkpoint for the last step to move,
+    so every step carries optimizer_durable and nothing is left to replay."""
+    cp.enqueue_offline_refs([make_ref(cp, f"s{i}") for i in range(9)])
+    t = cp.trainer("tr", lease_s=60)
+    ids = [r.sample_id for r in t.lease(9)]
+    assert sorted(t.ack(ids, optimizer_durable=True)) == sorted(ids)
+    assert cp.redis.zcard(cp.keys.undurable) == 0 and cp.requeue_undurable() == 0
+    assert cp.redis.hlen(cp.keys.samples) == 0
+
+
+def test_a_large_ack_under_way_when_the_run_is_rolled_back_is_refused_not_replayed(cp, small_steps):
+    """requeue_undurable (a restart from the checkpoint at step 4) runs between two steps
+    of an ack at step 7: the rest of that ack belongs to a state that no longer counts.
+    It is refused, and the rollback holds: the restarted trainer acks from step 5."""
+    from dataflow_redis import StepRegression
+    cp.enqueue_offline_refs([make_ref(cp, f"s{i}") for i in range(10)])
+    old = cp.trainer("old", lease_s=60)
+    first = [r.sample_id for r in old.lease(1)]
+    old.ack(first, global_step=4, optimizer_durable=True)
+    held = [r.sample_id for r in old.lease(9)]
+    run, calls = cp._run, []
+
+    def rollback_after_the_first_step(name, args, *rest, **kw):
+        calls.append(name)
+        if len(calls) == 2:
+            assert cp.requeue_undurable() == 4               # the first step's 4 ids
+        return run(name, args, *rest, **kw)
+
+    small_steps.setattr(cp, "_run", rollback_after_the_first_step)
+    with pytest.raises(StepRegression, match="rolled back"):
+        old.ack(held, global_step=7, optimizer_durable=True)
+    small_steps.setattr(cp, "_run", run)
+    status = cp.status()
+    assert (status["global_step"], status["durable_global_step"]) == (4, 4)
+    restarted = cp.trainer("restarted", lease_s=60)
+    replay = [r.sample_id for r in restarted.lease(10)]
+    assert sorted(replay) == sorted(held[:4])
+    assert sorted(restarted.ack(replay, global_step=5, optimizer_durable=True)) == sorted(replay)
+
+
 def test_a_large_commit_checks_every_record_before_its_first_step(cp, small_steps):
     cp.configure(max_record_bytes=2048)
     cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(9)])

@@ -167,6 +167,23 @@ def test_lost_reply_of_a_commit_that_accepted_nothing_counts_nothing_twice(proxi
     assert direct.worker_inflight() == {} and direct.status()["prompts_done"] == 2
 
 
+def test_lost_reply_of_an_ack_that_acked_nothing_is_not_run_again(proxied):
+    """An ack of ids no longer held acks nothing but still records its step and
+    checkpoint. Its reply is cached: the retry must not run again (against a marker
+    another trainer may have moved meanwhile, it would checkpoint that trainer's step)."""
+    direct, cp, proxy = proxied
+    direct.enqueue_offline_refs([make_ref(direct, f"s{i}") for i in range(3)])
+    direct.trainer("other", lease_s=60).lease(3)
+    stale = cp.trainer("stale-tr", lease_s=60)
+    proxy.drop_replies(b"stale-tr", times=1)
+    assert stale.ack(["s0"], global_step=5, optimizer_durable=True) == []   # s0 is not its lease
+    assert proxy.dropped == 1
+    status = direct.status()
+    assert (status["global_step"], status["durable_global_step"]) == (5, 5)
+    log = [fields for _, fields in direct.redis.xrange(direct.keys.ack_log)]
+    assert len(log) == 1, "the retry ran the ack again"
+
+
 def _sha(name: str) -> bytes:
     return hashlib.sha1(load_scripts()[name].source.encode()).hexdigest().encode()
 
