@@ -7,8 +7,9 @@
 --       [2] global_step: '' = none (the ack counts at the recorded global_step, and a
 --           durable one checkpoints that step; with no step recorded yet it records
 --           nothing durable); '+<n>' = step n for a later part of one call whose first
---           part was checked at n (no regression check: another trainer may have moved
---           the step on in between; refused with STEP if the run was rolled back below n)
+--           part was checked at n: no regression check (another trainer may have moved
+--           the step on in between), and the marker moves to n at most as far as the
+--           recorded step (which a rollback or lost writes may have lowered meanwhile)
 --       [3] optimizer_durable (1/0)
 --       then pairs at 4 + 2i: sample_id, the grant's lease token (no other token holds it)
 -- Returns: the sample ids newly acked (held by this trainer under its lease token; a
@@ -42,7 +43,7 @@ if cached then return split_words(cached) end
 local marker = redis.call('HMGET', K.durable, 'global_step', 'durable_global_step', 'covered_left')
 local recorded_text, durable_text = marker[1], marker[2]
 local recorded = tonumber(recorded_text or -1)
-local step
+local step, continued = nil, false
 if step_arg == '' then
   -- Without a step the ack counts at the recorded step (after a durable ack at that
   -- step, as covered by it): only a trainer's own steps can tell what a checkpoint
@@ -50,14 +51,7 @@ if step_arg == '' then
   step = recorded
 elseif string.sub(step_arg, 1, 1) == '+' then
   step = tonumber(string.sub(step_arg, 2))
-  -- The call's first step recorded at least this step; only requeue_undurable moves
-  -- the record back, so a lower record means the run was rolled back meanwhile and
-  -- this ack belongs to a trainer state that no longer counts.
-  if step > recorded then
-    return refuse('STEP', 'global_step ' .. string.sub(step_arg, 2) .. ' is above the recorded global_step ' ..
-      (recorded_text or 'none') .. ': the run was rolled back (requeue_undurable) while this ack was ' ..
-      'under way; ack again from the restored checkpoint')
-  end
+  continued = true
 else
   step = tonumber(step_arg)
   if step < recorded then
@@ -100,11 +94,14 @@ end
 
 if #acked > 0 then redis.call('HINCRBY', K.counters, 'samples_acked', #acked) end
 local marker_writes = {}
-if step > recorded then marker_writes[1], marker_writes[2] = 'global_step', int_text(step) end
+-- A later part of a call ('+n') never moves the record on: its first part did. Below
+-- n the record was lowered meanwhile (requeue_undurable, or a crash that lost writes),
+-- and the marker must not jump back over that; above n another trainer moved it on.
+local marker_step = continued and math.min(step, recorded) or step
+if marker_step > recorded then marker_writes[1], marker_writes[2] = 'global_step', int_text(marker_step) end
 local covered_upto = marker[3] and durable_text
-if durable and step >= 0 then
-  -- The later part of a call may meet a checkpoint another trainer recorded meanwhile.
-  covered_upto = int_text(math.max(step, tonumber(durable_text or -1)))
+if durable and marker_step >= 0 then
+  covered_upto = int_text(math.max(marker_step, tonumber(durable_text or -1)))
   marker_writes[#marker_writes + 1] = 'durable_global_step'
   marker_writes[#marker_writes + 1] = covered_upto
 end
@@ -123,8 +120,9 @@ end
 redis.call('XADD', K.ack_log, 'MAXLEN', '~', 1000, '*', 'trainer', trainer,
   'global_step', step_arg == '' and '' or int_text(step), 'optimizer_durable', durable and 1 or 0,
   'acked', #acked)
--- Every ack changes state (the ack log, maybe the marker) even when it acks no id: its
--- reply is cached either way (an empty one as ' '), so a retry finds it instead of
--- running again against a marker that may have moved.
-remember_reply(cfg, #acked > 0 and table.concat(acked, ' ') or ' ')
+-- An ack of ids changes state (the ack log, maybe the marker) even when it acks none
+-- of them: its reply is cached either way (an empty one as ' '), so a retry finds it
+-- instead of running again against a marker that may have moved. An ack of no ids (a
+-- marker update) is not cached: a caller may repeat it under one request id.
+remember_reply(cfg, #acked > 0 and table.concat(acked, ' ') or (#ids > 0 and ' ' or ''))
 return acked

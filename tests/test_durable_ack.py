@@ -158,6 +158,18 @@ def test_an_ack_without_a_step_counts_at_the_recorded_step(cp):
     assert [(e["global_step"], e["optimizer_durable"]) for e in ack_log(cp)][-1] == ("", "1")
 
 
+def test_a_marker_only_ack_can_repeat_under_one_request_id(cp):
+    """An ack of no ids (a checkpoint note) is not cached: the same request id used at
+    every checkpoint moves the marker each time."""
+    t = leased_trainer(cp, ["a", "b"])
+    t.ack(["a"], global_step=1)
+    t.ack([], optimizer_durable=True, request_id="checkpoint")
+    t.ack(["b"], global_step=2)
+    t.ack([], optimizer_durable=True, request_id="checkpoint")
+    status = cp.status()
+    assert (status["durable_global_step"], status["undurable_acked"]) == (2, 0)
+
+
 def test_requeue_undurable_after_an_explicit_step(cp):
     t = leased_trainer(cp, ["a", "b", "c"])
     t.ack(["a"], global_step=1)
