@@ -216,6 +216,20 @@ def small_steps(monkeypatch):
     return monkeypatch
 
 
+def before_step(cp, monkeypatch, n, action) -> None:
+    """Run ``action()`` just before the ``n``-th script call from here on (it may raise:
+    a process dying, Redis refusing)."""
+    run, calls = cp._run, []
+
+    def step(name, args, *rest, **kw):
+        calls.append(name)
+        if len(calls) == n:
+            action()
+        return run(name, args, *rest, **kw)
+
+    monkeypatch.setattr(cp, "_run", step)
+
+
 def record_scripts(cp, monkeypatch) -> list[str]:
     calls: list[str] = []
     run = cp._run
@@ -247,16 +261,12 @@ def test_a_large_ack_goes_in_steps_and_moves_the_durable_marker_with_the_last(cp
     cp.enqueue_offline_refs([make_ref(cp, f"s{i}") for i in range(10)])
     t = cp.trainer("tr", lease_s=60)
     leased = [r.sample_id for r in t.lease(10)]
-    calls: list[str] = []
     run = cp._run
 
-    def crash_at_the_third_step(name, args, *rest, **kw):
-        calls.append(name)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("the trainer dies between two steps")
-        return run(name, args, *rest, **kw)
+    def die():
+        raise KeyboardInterrupt("the trainer dies between two steps")
 
-    small_steps.setattr(cp, "_run", crash_at_the_third_step)
+    before_step(cp, small_steps, 3, die)
     with pytest.raises(KeyboardInterrupt):
         t.ack(leased, global_step=5, optimizer_durable=True)
     status = cp.status()
@@ -280,15 +290,7 @@ def test_a_large_ack_is_not_refused_halfway_when_another_trainer_moves_the_step(
     cp.enqueue_offline_refs([make_ref(cp, f"s{i}") for i in range(10)])
     a, b = cp.trainer("rank-a", lease_s=60), cp.trainer("rank-b", lease_s=60)
     mine, theirs = [r.sample_id for r in a.lease(9)], [r.sample_id for r in b.lease(1)]
-    run, calls = cp._run, []
-
-    def rank_b_acks_after_the_first_step(name, args, *rest, **kw):
-        calls.append(name)
-        if len(calls) == 2:
-            assert b.ack(theirs, global_step=6, optimizer_durable=True) == theirs
-        return run(name, args, *rest, **kw)
-
-    small_steps.setattr(cp, "_run", rank_b_acks_after_the_first_step)
+    before_step(cp, small_steps, 2, lambda: b.ack(theirs, global_step=6, optimizer_durable=True))
     assert sorted(a.ack(mine, global_step=5, optimizer_durable=True)) == sorted(mine)
     status = cp.status()
     assert (status["samples_acked"], status["global_step"], status["durable_global_step"]) == (10, 6, 6)
@@ -314,17 +316,11 @@ def test_a_large_ack_under_way_when_the_run_is_rolled_back_does_not_undo_the_rol
     old = cp.trainer("old", lease_s=60)
     old.ack([r.sample_id for r in old.lease(1)], global_step=4, optimizer_durable=True)
     held = [r.sample_id for r in old.lease(9)]
-    run, calls = cp._run, []
-
-    def rollback_after_the_first_step(name, args, *rest, **kw):
-        calls.append(name)
-        if len(calls) == 2:
-            assert cp.requeue_undurable() == 4               # the first step's 4 ids
-        return run(name, args, *rest, **kw)
-
-    small_steps.setattr(cp, "_run", rollback_after_the_first_step)
+    run, requeued = cp._run, []
+    before_step(cp, small_steps, 2, lambda: requeued.append(cp.requeue_undurable()))
     old.ack(held, global_step=7, optimizer_durable=True)
     small_steps.setattr(cp, "_run", run)
+    assert requeued == [4]                                       # the first step's 4 ids
     status = cp.status()
     assert (status["global_step"], status["durable_global_step"]) == (4, 4)
     restarted = cp.trainer("restarted", lease_s=60)
@@ -343,16 +339,9 @@ def test_the_rest_of_a_large_ack_after_a_crash_that_lost_its_first_step_goes_on(
     t = cp.trainer("tr", lease_s=60)
     t.ack([r.sample_id for r in t.lease(1)], global_step=6, optimizer_durable=True)
     ids = [r.sample_id for r in t.lease(8)]
-    run, calls = cp._run, []
-
-    def lose_the_first_steps_marker(name, args, *rest, **kw):
-        calls.append(name)
-        reply = run(name, args, *rest, **kw)
-        if len(calls) == 1:
-            cp.redis.hset(cp.keys.durable, mapping={"global_step": 6, "durable_global_step": 6})
-        return reply
-
-    small_steps.setattr(cp, "_run", lose_the_first_steps_marker)
+    # The first step's update of the marker is lost; its acked ids are not.
+    before_step(cp, small_steps, 2,
+                lambda: cp.redis.hset(cp.keys.durable, mapping={"global_step": 6, "durable_global_step": 6}))
     assert sorted(t.ack(ids, global_step=7, optimizer_durable=True)) == sorted(ids)
     status = cp.status()
     assert (status["global_step"], status["durable_global_step"], status["samples_acked"]) == (6, 6, 9)
@@ -376,15 +365,10 @@ def test_an_error_in_a_later_step_says_what_the_earlier_steps_did(cp, small_step
     cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(9)])
     w = cp.rollout_worker("w", lease_s=60)
     ids = [t.task_id for t in w.lease(9)]
-    run, calls = cp._run, []
+    def full():
+        raise OutOfMemory("Redis is at its maxmemory ...; this call changed nothing. Trainers still lease")
 
-    def full_at_the_second_step(name, args, *rest, **kw):
-        calls.append(name)
-        if len(calls) == 2:
-            raise OutOfMemory("Redis is at its maxmemory ...; this call changed nothing. Trainers still lease")
-        return run(name, args, *rest, **kw)
-
-    small_steps.setattr(cp, "_run", full_at_the_second_step)
+    before_step(cp, small_steps, 2, full)
     with pytest.raises(OutOfMemory) as info:
         w.fail(ids, "bad batch", retryable=False)
     message = str(info.value)
