@@ -377,6 +377,23 @@ def test_an_error_in_a_later_step_says_what_the_earlier_steps_did(cp, small_step
     assert len(cp.dead_letters()) == 4
 
 
+def test_a_bulk_terminal_fail_keeps_every_task_but_few_events(cp):
+    """40 tasks dead-lettered in one call: all 40 are in the dead-letter list, but the
+    capped events stream gets 16 of them and one line saying more followed, so the
+    pause, resume and config events in it survive a bulk failure."""
+    cp.ingest_prompts([{"task_id": f"t{i:02d}"} for i in range(40)])
+    cp.pause("before")
+    cp.resume("after")
+    w = cp.rollout_worker("w", lease_s=60)
+    ids = [t.task_id for t in w.lease(40)]
+    assert w.fail(ids, "bad shard", retryable=False) == ids
+    assert len(cp.dead_letters(count=100)) == 40
+    dead = [e for e in cp.events(count=1000) if e["type"] == "dead_letter"]
+    assert len(dead) == 17 and dead[0]["reason"] == "t00: bad shard"
+    assert dead[-1]["reason"] == "more tasks in the same call: see the dead-letter list"
+    assert [e["type"] for e in cp.events(count=1000)][:2] == ["operator_pause", "operator_resume"]
+
+
 def test_a_large_fail_goes_in_steps(cp, small_steps):
     cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(9)])
     w = cp.rollout_worker("w", lease_s=60)

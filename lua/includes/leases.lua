@@ -64,13 +64,24 @@ local function release_prompt_lease(task_id, value)
   if bytes > 0 then redis.call('HINCRBY', K.bp, 'reserved_bytes', int_text(-bytes)) end
 end
 
+-- Dead-letter events one call writes at most, then one that says more followed: a
+-- terminal fail of thousands of tasks would otherwise push every pause, resume and
+-- config event out of the capped stream. The dead-letter hash keeps every task.
+local DEAD_LETTER_EVENTS_PER_CALL = 16
+local dead_letter_events = 0
+
 -- Terminal: the task goes to the dead-letter hash with its reason (its record stays,
 -- so an operator can requeue it).
 local function bury_task(task_id, reason, attempt, now, exhausted)
   redis.call('HSET', K.dlq, task_id, cjson.encode({
     reason = reason, attempt = attempt, at_ms = now, attempts_exhausted = exhausted,
   }))
-  log_event('dead_letter', task_id .. ': ' .. reason, now)
+  dead_letter_events = dead_letter_events + 1
+  if dead_letter_events <= DEAD_LETTER_EVENTS_PER_CALL then
+    log_event('dead_letter', task_id .. ': ' .. reason, now)
+  elseif dead_letter_events == DEAD_LETTER_EVENTS_PER_CALL + 1 then
+    log_event('dead_letter', 'more tasks in the same call: see the dead-letter list', now)
+  end
 end
 
 -- A retryable failure or an expiry: attempt + 1, back to the tail of pending, unless
