@@ -46,19 +46,19 @@ class LeaseHolder:
         """Ids of the leases this holder believes it holds."""
         return list(self._tokens)
 
-    def _hand_back(self, script: str, head: Sequence, ids: Iterable[str], request_id: Optional[str],
-                   heads: Optional[Callable[[bool, bool], Sequence]] = None) -> list[str]:
+    def _hand_back(self, script: str, head: Sequence | Callable[[bool, bool], Sequence], ids: Iterable[str],
+                   request_id: Optional[str]) -> list[str]:
         """Run a script whose ARGV is ``head`` then (id, token) pairs and which releases
         those leases; returns the ids it affected. The ids stop being held either way.
-        Up to HAND_BACK_CHUNK ids per script call (an atomic step); ``heads(first,
-        last)``, when given, is the head of each step (an ack checks its step with the
-        first and moves its durable marker with the last)."""
+        Up to HAND_BACK_CHUNK ids per script call (an atomic step). ``head`` may be a
+        function ``head(first, last)`` giving each step's head (an ack checks its step
+        with the first and moves its durable marker with the last)."""
         ids = list(ids)
         affected: list[str] = []
         for start in range(0, max(1, len(ids)), HAND_BACK_CHUNK):
             chunk = ids[start:start + HAND_BACK_CHUNK]
             last = start + HAND_BACK_CHUNK >= len(ids)
-            step_head = list(head if heads is None else heads(start == 0, last))
+            step_head = list(head(start == 0, last) if callable(head) else head)
             args = list(step_head)
             for item_id in chunk:
                 args += [item_id, self._tokens.get(item_id, "")]

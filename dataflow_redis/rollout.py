@@ -68,44 +68,47 @@ class RolloutWorker(LeaseHolder):
         checked = check_refs(refs, self.cp.run_id)
         if len(checked) > _args.MAX_BATCH:
             raise _args.InvalidArgument(f"at most {_args.MAX_BATCH} refs per call; split the batch")
-        if len(checked) <= HAND_BACK_CHUNK:
-            return self._commit_step(checked, request_id, 0, len(checked))
+        encoded = [(ref, encode_ref(ref)) for ref in checked]
+        if len(encoded) <= HAND_BACK_CHUNK:
+            return self._commit_step(encoded, request_id, 0, len(encoded))
         # Several steps (see HAND_BACK_CHUNK). The refs of one source task stay in one
         # step: the step that releases the task's lease must see them all. Every record
         # is checked against max_record_bytes before the first step (each step checks
         # only its own).
-        self.cp._check_record_sizes((ref.sample_id, encode_ref(ref)) for ref in checked)
-        by_task: dict[str, list[SampleRef]] = {}
-        for i, ref in enumerate(checked):
-            by_task.setdefault(ref.source_task_id or f" {i}", []).append(ref)
+        self.cp._check_record_sizes((ref.sample_id, record) for ref, record in encoded)
+        by_task: dict[str, list[tuple[SampleRef, str]]] = {}
+        for i, item in enumerate(encoded):
+            by_task.setdefault(item[0].source_task_id or f" {i}", []).append(item)
         fresh: set[str] = set()
-        step: list[SampleRef] = []
+        step: list[tuple[SampleRef, str]] = []
         sent = 0
         for group in by_task.values():
             if step and len(step) + len(group) > HAND_BACK_CHUNK:
-                fresh.update(self._commit_step(step, request_id, sent, len(checked)))
+                fresh.update(self._commit_step(step, request_id, sent, len(encoded)))
                 sent += len(step)
                 step = []
             step += group
-        fresh.update(self._commit_step(step, request_id, sent, len(checked)))
+        fresh.update(self._commit_step(step, request_id, sent, len(encoded)))
         # In call order, each id once, as one step returns them.
         seen: set[str] = set()
         return [r.sample_id for r in checked
                 if r.sample_id in fresh and not (r.sample_id in seen or seen.add(r.sample_id))]
 
-    def _commit_step(self, refs: list[SampleRef], request_id: Optional[str], offset: int, total: int) -> list[str]:
-        """One commit script call: ``refs`` from ``offset`` of a call of ``total`` refs
-        (both keep the steps of one call apart, and from other calls, in the reply cache)."""
+    def _commit_step(self, refs: list[tuple[SampleRef, str]], request_id: Optional[str], offset: int,
+                     total: int) -> list[str]:
+        """One commit script call: ``refs`` (each with its record JSON) from ``offset`` of
+        a call of ``total`` refs (both keep the steps of one call apart, and from other
+        calls, in the reply cache)."""
         args: list = [self.worker_id, 0, len(refs)]
-        for ref in refs:
+        for ref, record in refs:
             source = ref.source_task_id or ""
-            args += [ref.sample_id, source, self._tokens.get(source, ""), encode_ref(ref)]
+            args += [ref.sample_id, source, self._tokens.get(source, ""), record]
         # Tokens stay out of the reply-cache content (see LeaseHolder._hand_back).
         content = None if request_id is None else [offset, total] + [
             part for i in range(3, len(args), 4) for part in (args[i], args[i + 1], args[i + 3])]
         with steps_so_far(offset, total):
             fresh = self.cp._run("commit_samples", args, request_id, scope=self.worker_id, content=content)
-        for ref in refs:
+        for ref, _ in refs:
             self._tokens.pop(ref.source_task_id or "", None)
         return [_args.text(s) for s in fresh]
 

@@ -123,7 +123,7 @@ class Trainer(LeaseHolder):
                 return [self.trainer_id, "", durable]
             return [self.trainer_id, step if first else "+" + step, durable if last else 0]
 
-        return self._hand_back("ack_samples", [], ids, request_id, heads=heads)
+        return self._hand_back("ack_samples", heads, ids, request_id)
 
     def fail(self, sample_ids: Iterable[str], reason: str, retryable: bool = True,
              request_id: Optional[str] = None) -> list[str]:
