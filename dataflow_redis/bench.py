@@ -79,6 +79,11 @@ MEMORY_STYLES = ("generated", "short", "uuid")
 caller ids (8), and caller ids of uuid4().hex (32; reported, not held to the targets:
 every byte of a caller's id is kept about three times, see docs/benchmarks.md)."""
 CYCLE_STEPS = ("ingest", "lease", "commit", "train_lease", "ack")
+CYCLE_KINDS = ("cycle", "lmove_cycle", "floor_cycle")
+"""What the cycle section compares, in the order of its time slices: ours, the LMOVE
+baseline, the floor of the cycle."""
+CYCLE_SLICES = 4
+"""Time slices of each kind per round of the cycle section."""
 
 TARGETS = {
     "single_item_vs_noop_min": 0.6,
@@ -268,6 +273,26 @@ class _Client:
                 done += 1
         return {"tasks": done, "elapsed": time.perf_counter() - begin, "cpu": time.process_time() - cpu}
 
+    def cycle_slices(self, start_at: float, slice_s: float, slices: int, batch: int) -> list[dict]:
+        """Ours, the LMOVE baseline and the floor of the cycle in turn, on a schedule
+        every process shares: slice k runs from start_at + k * slice_s (time.monotonic)
+        and runs CYCLE_KINDS[k % 3]. Load that drifts during the run hits all three
+        alike. One dict per slice: the kind, tasks moved, wall and CPU seconds."""
+        runners = {"cycle": self.cycle, "lmove_cycle": self.lmove_cycle, "floor_cycle": self.floor}
+        out = []
+        for k in range(slices):
+            kind = CYCLE_KINDS[k % len(CYCLE_KINDS)]
+            delay = start_at + k * slice_s - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            # A call running past the end of the previous slice shortens this one.
+            remaining = start_at + (k + 1) * slice_s - time.monotonic()
+            if remaining <= 0:
+                out.append({"kind": kind, "tasks": 0, "elapsed": 0.0, "cpu": 0.0})
+                continue
+            out.append({"kind": kind, **runners[kind](time.monotonic(), remaining, batch)})
+        return out
+
     def lmove_cycle(self, start_at: float, seconds: float, batch: int) -> dict:
         """The baseline: a reliable queue (LMOVE to a processing list, LREM when
         done) moving tasks through two hops, ``batch`` commands per round trip."""
@@ -331,12 +356,8 @@ def _child_main(conn, url: str, index: int) -> None:
                 reply = client.timed(op, start_at, slice_s, slices, client.budget(op, share))
             elif kind == "prefill":
                 reply = client.prefill(args[0])
-            elif kind == "cycle":
-                reply = client.cycle(*args)
-            elif kind == "lmove_cycle":
-                reply = client.lmove_cycle(*args)
-            elif kind == "floor_cycle":
-                reply = client.floor(*args)
+            elif kind == "cycle_slices":
+                reply = client.cycle_slices(*args)
             elif kind == "records_only":
                 reply = client.records_only(*args)
             else:
@@ -368,8 +389,16 @@ class _Pool:
 
     def ask(self, *request: Any, each: Optional[list] = None) -> list:
         """Send ``request`` (or ``each[i]`` to process i) to every process; their replies."""
+        self.send(*request, each=each)
+        return self.replies()
+
+    def send(self, *request: Any, each: Optional[list] = None) -> None:
+        """Send ``request`` (or ``each[i]`` to process i) to every process."""
         for i, conn in enumerate(self.conns):
             conn.send(each[i] if each is not None else request)
+
+    def replies(self) -> list:
+        """Every process's reply to the request sent last."""
         replies = []
         for conn in self.conns:
             status, reply = conn.recv()
@@ -526,9 +555,7 @@ class Bench:
         pool = _Pool(self.url, procs)
         out = {"processes": procs, "batches": []}
         try:
-            records = self._cycle_run(pool, "records_only", 64)
-            out["records_only"] = {"tasks_per_s": records["tasks_per_s"],
-                                   "client_cpu_us_per_task": records["client_cpu_us_per_task"]}
+            out["records_only"] = self._records_only(pool, 64)
             for batch in (1, 64):
                 out["batches"].append(self._cycle_rounds(pool, batch))
         finally:
@@ -538,15 +565,56 @@ class Bench:
 
     def _cycle_rounds(self, pool: _Pool, batch: int) -> dict:
         """The cycle, the LMOVE baseline and the floor of the cycle (bench_floors.py),
-        one after the other, ``cycle_rounds`` times: load that drifts during the run
+        ``cycle_rounds`` rounds of ``cycle_seconds`` each, interleaved in time slices
+        (CYCLE_SLICES of each kind per round, in turn): load that drifts during the run
         hits all three alike. Ours and the baseline are the medians over the rounds,
         the ratio the median of each round's ratio; the floor's tasks/s and ratio are
         the best over the rounds (the claim they carry, that a target is out of
         reach, must hold even then)."""
+        cp = self.new_run(f"cycle{batch}")
+        pool.ask("open", cp.run_id)
+        slice_s = self.cycle_seconds / CYCLE_SLICES
+        slices = self.cycle_rounds * CYCLE_SLICES * len(CYCLE_KINDS)
+        start_at = time.monotonic() + 0.1
+        pool.send("cycle_slices", start_at, slice_s, slices, batch)
+        # Time inside Redis per slice: INFO commandstats at every slice boundary (a few
+        # ms late, so that calls running past a boundary count mostly where they began).
+        usec = []
+        before = self._command_usec()
+        for k in range(1, slices + 1):
+            delay = start_at + k * slice_s + 0.005 - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            after = self._command_usec()
+            usec.append({name: after[name] - before.get(name, 0) for name in after})
+            before = after
+        replies = pool.replies()
+        self.cleanup()
+
+        def figures(round_index: int, kind: str) -> dict:
+            """One kind's figures over the slices of one round."""
+            first = round_index * CYCLE_SLICES * len(CYCLE_KINDS)
+            ks = [k for k in range(first, first + CYCLE_SLICES * len(CYCLE_KINDS))
+                  if CYCLE_KINDS[k % len(CYCLE_KINDS)] == kind]
+            rate, cpu, tasks, server = 0.0, 0.0, 0, 0
+            for reply in replies:
+                elapsed = sum(reply[k]["elapsed"] for k in ks)
+                moved = sum(reply[k]["tasks"] for k in ks)
+                rate += moved / elapsed if elapsed > 0 else 0.0
+                cpu += sum(reply[k]["cpu"] for k in ks)
+                tasks += moved
+            for k in ks:
+                if kind == "lmove_cycle":
+                    server += sum(v for name, v in usec[k].items() if name not in ("cmdstat_evalsha", "cmdstat_info"))
+                else:  # a script's own commands count inside its EVALSHA time too
+                    server += usec[k].get("cmdstat_evalsha", 0)
+            tasks = max(1, tasks)
+            return {"tasks_per_s": round(rate, 1), "client_cpu_us_per_task": round(cpu / tasks * 1e6, 1),
+                    "server_us_per_task": round(server / tasks, 1)}
+
         rounds = []
-        for _ in range(self.cycle_rounds):
-            ours, baseline, floor = (self._cycle_run(pool, kind, batch)
-                                     for kind in ("cycle", "lmove_cycle", "floor_cycle"))
+        for r in range(self.cycle_rounds):
+            ours, baseline, floor = (figures(r, kind) for kind in CYCLE_KINDS)
             rounds.append({"tasks_per_s": ours["tasks_per_s"], "lmove_tasks_per_s": baseline["tasks_per_s"],
                            "floor_tasks_per_s": floor["tasks_per_s"],
                            "ratio_to_lmove": _ratio(ours["tasks_per_s"], baseline["tasks_per_s"]),
@@ -575,23 +643,16 @@ class Bench:
     def _command_usec(self) -> dict:
         return {name: int(stat["usec"]) for name, stat in self.redis.info("commandstats").items()}
 
-    def _cycle_run(self, pool: _Pool, kind: str, batch: int) -> dict:
-        cp = self.new_run(f"cycle{batch}")
+    def _records_only(self, pool: _Pool, batch: int) -> dict:
+        """The client-side record work of the cycle (_Client.records_only) in every
+        process for ``cycle_seconds``: tasks/s and CPU per task."""
+        cp = self.new_run("records")
         pool.ask("open", cp.run_id)
-        before = self._command_usec()
-        start_at = time.monotonic() + 0.05
-        replies = pool.ask(kind, start_at, self.cycle_seconds, batch)
-        after = self._command_usec()
-        if kind != "lmove_cycle":  # a script's own commands count inside its EVALSHA time too
-            server_usec = after.get("cmdstat_evalsha", 0) - before.get("cmdstat_evalsha", 0)
-        else:
-            server_usec = sum(after[name] - before.get(name, 0) for name in after
-                              if name not in ("cmdstat_evalsha", "cmdstat_info"))
+        replies = pool.ask("records_only", time.monotonic() + 0.05, self.cycle_seconds, batch)
+        self.cleanup()
         tasks = max(1, sum(r["tasks"] for r in replies))
-        self.cleanup()  # a run per measurement: the next starts on an emptied server
         return {"tasks_per_s": round(sum(r["tasks"] / r["elapsed"] for r in replies if r["elapsed"] > 0), 1),
-                "client_cpu_us_per_task": round(sum(r["cpu"] for r in replies) / tasks * 1e6, 1),
-                "server_us_per_task": round(server_usec / tasks, 1)}
+                "client_cpu_us_per_task": round(sum(r["cpu"] for r in replies) / tasks * 1e6, 1)}
 
     # 3. scaling ---------------------------------------------------------------------
     def scaling(self) -> dict:
@@ -1010,7 +1071,7 @@ def _url_to_bench(ctx: click.Context, own_url: Optional[str]) -> Optional[str]:
 @click.option("--cycle-seconds", type=FiniteFloatRange(0.05, 120), default=None,
               help="Seconds per full-cycle measurement (default --seconds, at least 0.4).")
 @click.option("--cycle-rounds", type=click.IntRange(1, 20), default=3, show_default=True,
-              help="Rounds of the cycle, the LMOVE baseline and the floor, one after the other.")
+              help="Rounds of the cycle, the LMOVE baseline and the floor (--cycle-seconds each, the three interleaved in time slices).")
 @click.option("--floor-rounds", type=click.IntRange(1, 20), default=3, show_default=True,
               help="Rounds of each single-item floor (its best round counts).")
 @click.option("--backlog", type=click.IntRange(1000, 10_000_000), default=None,

@@ -74,7 +74,7 @@ def test_full_cycle_and_lmove_baseline_for_both_batch_sizes(result):
     for b in batches.values():
         rounds = b["rounds"]
         assert len(rounds) == result["settings"]["cycle_rounds"] == 2
-        for r in rounds:  # each round: ours, the LMOVE baseline and the floor, one after the other
+        for r in rounds:  # each round: ours, the LMOVE baseline and the floor, interleaved in time slices
             assert positive(r["tasks_per_s"]) and positive(r["lmove_tasks_per_s"]) and positive(r["floor_tasks_per_s"])
             assert r["ratio_to_lmove"] == pytest.approx(r["tasks_per_s"] / r["lmove_tasks_per_s"], rel=1e-2, abs=1e-3)
             assert r["floor_ratio_to_lmove"] == pytest.approx(r["floor_tasks_per_s"] / r["lmove_tasks_per_s"],
@@ -200,3 +200,25 @@ def test_a_url_typed_before_bench_is_benchmarked_one_from_the_environment_is_not
     run = cli_runner().invoke(main, ["--redis-url", redis_url, "bench", "--redis-url", redis_url + "1"])
     assert run.exit_code == 2 and "two different Redis URLs" in run.output
     client.close()
+
+
+def test_cycle_slices_take_turns_on_the_shared_schedule(redis_url):
+    """The cycle section's processes run ours, the LMOVE baseline and the floor in
+    turn, each slice in its own window of the schedule (no kind runs in another's)."""
+    import time
+
+    from dataflow_redis.bench import CYCLE_KINDS, _Client
+
+    client = _Client(redis_url, f"slices-{time.time_ns()}", 0)
+    try:
+        slice_s, slices = 0.08, 2 * len(CYCLE_KINDS)
+        start_at = time.monotonic() + 0.05
+        out = client.cycle_slices(start_at, slice_s, slices, 4)
+        finished = time.monotonic()
+    finally:
+        client.cp.delete()
+        client.close()
+    assert [s["kind"] for s in out] == [CYCLE_KINDS[k % len(CYCLE_KINDS)] for k in range(slices)]
+    for s in out:
+        assert s["tasks"] > 0 and 0 < s["elapsed"] <= slice_s + 0.05
+    assert start_at + slices * slice_s <= finished < start_at + slices * slice_s + 0.1
