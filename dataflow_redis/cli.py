@@ -347,8 +347,7 @@ def status_text(status: dict[str, Any], target: Target, worker_inflight: Optiona
     row("dead-lettered", status["prompts_failed"])
     section("samples")
     row("committed", status["samples_committed"])
-    row("acked", f"{status['samples_acked']}  (durable {status['durable_acked']}, "
-                 f"undurable {status['undurable_acked']})")
+    row("acked", f"{status['samples_acked']}  (above the checkpoint {status['uncheckpointed_acked']})")
     row("failed", status["samples_failed"])
     row("train backlog", f"{status['train_backlog']}  (queued {status['queue_depth']}, "
                          f"in flight {status['queue_in_flight']})")
@@ -361,8 +360,8 @@ def status_text(status: dict[str, Any], target: Target, worker_inflight: Optiona
         row("in flight", ", ".join(f"{w}={n}" for w, n in busiest)
             + (f" (+{len(worker_inflight) - 8} more)" if len(worker_inflight) > 8 else ""))
     section("durable marker")
-    row("global step", status["global_step"])
-    row("durable global step", status["durable_global_step"])
+    row("global step", status["durable_global_step"])
+    row("checkpoint step", status["checkpoint_global_step"])
     section("backpressure")
     operator = status.get("operator_pause")
     bp = status.get("backpressure")
@@ -742,7 +741,7 @@ def summary_text(s: dict[str, Any]) -> str:
         f"  peak reserved   {fmt_bytes(s['peak_reserved_bytes'])}",
         f"  starvation      rollout {s['rollout_starved']} refused leases ({s['rollout_starved_s']:.1f} s), "
         f"trainer {s['trainer_starved']} empty leases ({s['trainer_starved_s']:.1f} s)",
-        f"  global step     {fmt_value(s['global_step'])} (durable {fmt_value(s['durable_global_step'])})",
+        f"  global step     {fmt_value(s['durable_global_step'])} (checkpoint {fmt_value(s['checkpoint_global_step'])})",
         f"  tasks lost      {s['tasks_lost']} of {s['prompts']} (dead-lettered {s['dead_lettered']}, "
         f"resident at end {fmt_bytes(s['resident_bytes_at_end'])})",
         "  result          " + ("OK: every ingested task was acked" if s["ok"] else "FAILED: tasks were lost"),

@@ -240,10 +240,11 @@ class ControlPlane:
 
     def requeue_undurable(self, after_step: Optional[int] = None, batch: int = 250) -> int:
         """Recovery: samples acked by non-durable acks at a step above ``after_step``
-        (default: the recorded durable_global_step) go back to the train queue, and the
-        recorded global_step rolls back to ``after_step`` so the restarted trainer can
+        (default: the checkpoint, the newest step acked with optimizer_durable;
+        ``status()["checkpoint_global_step"]``) go back to the train queue, and the
+        recorded global step rolls back to ``after_step`` so the restarted trainer can
         ack again from ``after_step + 1``. Returns how many samples were requeued.
-        An ``after_step`` below durable_global_step raises
+        An ``after_step`` below the checkpoint raises
         :class:`~dataflow_redis.errors.StepRegression` (what was acked durably since is
         no longer kept, so it cannot be replayed)."""
         if after_step is not None and type(after_step) is not int:

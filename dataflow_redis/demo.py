@@ -467,8 +467,8 @@ def _summary(cp: ControlPlane, plan: DemoPlan, status: dict, samples: list[Sampl
         "trainer_starved": bp["trainer_starved"],
         "trainer_starved_s": bp["trainer_starved_s"],
         "rollout_capped": bp["rollout_capped"],
-        "global_step": status["global_step"],
         "durable_global_step": status["durable_global_step"],
+        "checkpoint_global_step": status["checkpoint_global_step"],
         "resident_bytes_at_end": store_state.resident_bytes,
     }
     summary["ok"] = lost == 0 and store_state.resident_bytes == 0 and status["train_backlog"] == 0

@@ -1,7 +1,8 @@
 """Turning status.lua's raw snapshot into the ``status()`` dict.
 
-Every status field of the seed is kept under its seed name; new fields are added
-beside them. The ``backpressure`` entry exists only while a policy is configured.
+Every status field of the seed is kept under its seed name and meaning (docs/design.md,
+"Status" lists the few whose figures differ, and why); new fields are added beside
+them. The ``backpressure`` entry exists only while a policy is configured.
 """
 
 from __future__ import annotations
@@ -57,10 +58,15 @@ def build_status(run_id: str, raw: Sequence[Any]) -> dict[str, Any]:
         "trainers": _int(sizes, "trainers"),
         "rollout_workers_seen": _int(sizes, "rollout_workers_seen"),
         "trainers_seen": _int(sizes, "trainers_seen"),
-        "global_step": _int(durable, "global_step", None),
-        "durable_global_step": _int(durable, "durable_global_step", None),
-        "durable_acked": acked - undurable,
-        "undurable_acked": undurable,
+        # The seed's two marker fields: the step the durable ack marker records, and the
+        # samples it records as acked (every ack goes into the marker atomically).
+        "durable_global_step": _int(durable, "global_step", None),
+        "durable_acked": acked,
+        # Beyond the seed: the newest step acked with optimizer_durable (a restarted
+        # trainer resumes there), and the samples acked above it, which
+        # requeue_undurable() replays.
+        "checkpoint_global_step": _int(durable, "durable_global_step", None),
+        "uncheckpointed_acked": undurable,
         "fenced_commits": _int(counters, "fenced_commits"),
         "operator_pause": operator,
         "config_version": _int(config, "version"),

@@ -29,7 +29,7 @@ local after = ARGV[1]
 if after == '' then after = durable_step or '-1' end
 local after_step = tonumber(after)
 if durable_step and after_step < tonumber(durable_step) then
-  return refuse('STEP', 'after_step ' .. after .. ' is below the durable global step ' .. durable_step ..
+  return refuse('STEP', 'after_step ' .. after .. ' is below the checkpoint step ' .. durable_step ..
     ': samples acked durably since then are no longer kept; restart from the last durable checkpoint')
 end
 local ids = redis.call('ZRANGEBYSCORE', K.undurable, '(' .. after, '+inf', 'LIMIT', 0, tonumber(ARGV[2]))

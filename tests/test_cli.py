@@ -390,7 +390,7 @@ def test_metrics_are_valid_prometheus_text_matching_status(busy_cp):
     assert value("dataflow_redis_worker_inflight_prompts", worker="worker-a") == 1
     # requeue_undurable takes acks back: a gauge, since a counter that falls reads as a reset.
     assert families["dataflow_redis_samples_acked"].type == "gauge"
-    assert "dataflow_redis_global_step" not in families  # None: left out, not invented
+    assert "dataflow_redis_durable_global_step" not in families  # None: left out, not invented
 
 
 def test_every_numeric_status_field_has_a_metric(busy_cp):

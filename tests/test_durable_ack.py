@@ -48,7 +48,22 @@ def test_ack_is_one_script_that_writes_ids_step_flag_and_releases_leases(cp):
     assert cp.redis.hlen(cp.keys.train_leases) == 0 and cp.redis.zcard(cp.keys.train_deadlines) == 0
     assert ack_log(cp)[-1] == {"trainer": "tr", "global_step": "5", "optimizer_durable": "1", "acked": "2"}
     status = cp.status()
-    assert status["durable_global_step"] == 5 and status["durable_acked"] == 2
+    assert status["checkpoint_global_step"] == 5 and status["durable_acked"] == 2
+
+
+def test_the_seed_marker_fields_record_every_ack_durable_or_not(cp):
+    """durable_global_step and durable_acked keep the seed's meaning: the step and the
+    samples the durable ack marker records, whatever optimizer_durable says. Whether
+    the optimizer state is checkpointed is told apart beside them."""
+    t = leased_trainer(cp, ["s0", "s1", "s2"])
+    t.ack(["s0", "s1"], global_step=5)  # optimizer_durable defaults to False
+    status = cp.status()
+    assert (status["durable_global_step"], status["durable_acked"], status["samples_acked"]) == (5, 2, 2)
+    assert (status["checkpoint_global_step"], status["uncheckpointed_acked"]) == (None, 2)
+    t.ack(["s2"], global_step=6, optimizer_durable=True)
+    status = cp.status()
+    assert (status["durable_global_step"], status["durable_acked"]) == (6, 3)
+    assert (status["checkpoint_global_step"], status["uncheckpointed_acked"]) == (6, 0)
 
 
 def test_a_lower_global_step_is_refused_and_writes_nothing(cp):
@@ -96,8 +111,8 @@ def test_optimizer_durable_is_recorded_per_ack_not_as_a_run_wide_flag(cp):
     marker = cp.redis.hgetall(cp.keys.durable)
     assert marker == {"global_step": "3", "durable_global_step": "1"}
     status = cp.status()
-    assert (status["global_step"], status["durable_global_step"]) == (3, 1)
-    assert (status["durable_acked"], status["undurable_acked"]) == (1, 2)
+    assert (status["durable_global_step"], status["checkpoint_global_step"]) == (3, 1)
+    assert (status["durable_acked"], status["uncheckpointed_acked"]) == (3, 2)
     # Non-durable acks keep the record (for replay); the durable one dropped it.
     assert not cp.redis.hexists(cp.keys.samples, "a")
     assert cp.redis.hexists(cp.keys.samples, "b") and cp.redis.hexists(cp.keys.samples, "c")
@@ -108,7 +123,7 @@ def test_optimizer_durable_is_recorded_per_ack_not_as_a_run_wide_flag(cp):
     assert cp.redis.zcard(cp.keys.undurable) == 0
     assert cp.redis.hlen(cp.keys.samples) == 0
     status = cp.status()
-    assert (status["durable_global_step"], status["durable_acked"], status["undurable_acked"]) == (4, 4, 0)
+    assert (status["checkpoint_global_step"], status["durable_acked"], status["uncheckpointed_acked"]) == (4, 4, 0)
 
 
 def test_requeue_undurable_returns_acks_after_the_last_durable_step(cp):
@@ -121,9 +136,9 @@ def test_requeue_undurable_returns_acks_after_the_last_durable_step(cp):
     assert set(cp.redis.lrange(cp.keys.train_queue, 0, -1)) == {"b", "c", "d"}
     assert idset.members(cp.redis, cp.keys.acked) == {"a"}
     status = cp.status()
-    assert status["samples_acked"] == 1 and status["train_backlog"] == 3 and status["undurable_acked"] == 0
+    assert status["samples_acked"] == 1 and status["train_backlog"] == 3 and status["uncheckpointed_acked"] == 0
     assert cp.requeue_undurable() == 0  # idempotent
-    assert (status["global_step"], status["durable_global_step"]) == (1, 1)  # rolled back to the checkpoint
+    assert (status["durable_global_step"], status["checkpoint_global_step"]) == (1, 1)  # rolled back to the checkpoint
 
     restarted = cp.trainer(trainer_id="tr-restarted")
     replayed = sorted(r.sample_id for r in restarted.lease(10))
@@ -131,7 +146,7 @@ def test_requeue_undurable_returns_acks_after_the_last_durable_step(cp):
     # Training resumes at the step after the checkpoint; that must be accepted.
     assert sorted(restarted.ack(replayed, global_step=2, optimizer_durable=True)) == ["b", "c", "d"]
     status = cp.status()
-    assert (status["durable_global_step"], status["samples_acked"], status["train_backlog"]) == (2, 4, 0)
+    assert (status["checkpoint_global_step"], status["samples_acked"], status["train_backlog"]) == (2, 4, 0)
 
 
 def test_an_ack_without_a_step_counts_at_the_recorded_step(cp):
@@ -142,19 +157,19 @@ def test_an_ack_without_a_step_counts_at_the_recorded_step(cp):
     t = leased_trainer(cp, ["a", "b", "c", "d", "e"])
     t.ack(["a"], optimizer_durable=True)            # no step on record yet
     status = cp.status()
-    assert (status["global_step"], status["durable_global_step"]) == (None, None)
+    assert (status["durable_global_step"], status["checkpoint_global_step"]) == (None, None)
     t.ack(["b"], global_step=7, optimizer_durable=True)
     t.ack(["c"])                                    # counts at step 7: covered
     t.ack(["d"], global_step=8)                     # named: after the checkpoint
     t.ack(["e"])                                    # counts at step 8 now
     status = cp.status()
-    assert (status["global_step"], status["durable_global_step"], status["undurable_acked"]) == (8, 7, 2)
+    assert (status["durable_global_step"], status["checkpoint_global_step"], status["uncheckpointed_acked"]) == (8, 7, 2)
     assert cp.requeue_undurable() == 2
     assert sorted(cp.redis.lrange(cp.keys.train_queue, 0, -1)) == ["d", "e"]
     t2 = cp.trainer(trainer_id="tr2")
     assert sorted(t2.ack([r.sample_id for r in t2.lease(2)], optimizer_durable=True)) == ["d", "e"]
     status = cp.status()                            # a step-less durable ack at the recorded 7
-    assert (status["global_step"], status["durable_global_step"], status["undurable_acked"]) == (7, 7, 0)
+    assert (status["durable_global_step"], status["checkpoint_global_step"], status["uncheckpointed_acked"]) == (7, 7, 0)
     assert [(e["global_step"], e["optimizer_durable"]) for e in ack_log(cp)][-1] == ("", "1")
 
 
@@ -167,7 +182,7 @@ def test_a_marker_only_ack_can_repeat_under_one_request_id(cp):
     t.ack(["b"], global_step=2)
     t.ack([], optimizer_durable=True, request_id="checkpoint")
     status = cp.status()
-    assert (status["durable_global_step"], status["undurable_acked"]) == (2, 0)
+    assert (status["checkpoint_global_step"], status["uncheckpointed_acked"]) == (2, 0)
 
 
 def test_requeue_undurable_after_an_explicit_step(cp):
@@ -178,7 +193,7 @@ def test_requeue_undurable_after_an_explicit_step(cp):
     assert cp.requeue_undurable(after_step=2) == 1
     assert cp.redis.lrange(cp.keys.train_queue, 0, -1) == ["c"]
     assert idset.members(cp.redis, cp.keys.acked) == {"a", "b"}
-    assert cp.status()["global_step"] == 2
+    assert cp.status()["durable_global_step"] == 2
     with pytest.raises(InvalidArgument):
         cp.requeue_undurable(after_step="2")
 
@@ -191,11 +206,11 @@ def test_requeue_undurable_refuses_a_step_below_the_durable_checkpoint(cp):
     t.ack(["a"], global_step=10, optimizer_durable=True)
     t.ack(["b"], global_step=12)
     before = dump_run(cp)
-    with pytest.raises(StepRegression, match="after_step 3 is below the durable global step 10"):
+    with pytest.raises(StepRegression, match="after_step 3 is below the checkpoint step 10"):
         cp.requeue_undurable(after_step=3)
     assert dump_run(cp) == before
     assert cp.requeue_undurable(after_step=10) == 1
-    assert (cp.status()["global_step"], cp.status()["durable_global_step"]) == (10, 10)
+    assert (cp.status()["durable_global_step"], cp.status()["checkpoint_global_step"]) == (10, 10)
 
 
 def test_a_step_regression_names_the_recorded_step_exactly(cp):
@@ -223,7 +238,7 @@ def test_a_durable_ack_drops_covered_records_a_bounded_number_per_call(cp):
     assert cp.redis.hlen(cp.keys.samples) == left
     assert cp.redis.hget(cp.keys.durable, "covered_left") == "1"
     status = cp.status()
-    assert (status["undurable_acked"], status["durable_acked"], status["durable_global_step"]) == (0, 12_001, 2)
+    assert (status["uncheckpointed_acked"], status["durable_acked"], status["checkpoint_global_step"]) == (0, 12_001, 2)
     assert cp.requeue_undurable() == 0
     while left > 0:
         t.ack([], global_step=2)  # any ack goes on

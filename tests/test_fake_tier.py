@@ -36,7 +36,7 @@ def test_lifecycle_smoke(fake_cp):
 
     status = cp.status()
     assert (status["prompts"], status["prompts_failed"], status["samples_committed"], status["samples_acked"],
-            status["train_backlog"], status["durable_global_step"]) == (2, 1, 1, 1, 0, 2)
+            status["train_backlog"], status["checkpoint_global_step"]) == (2, 1, 1, 1, 0, 2)
     (dead,) = cp.dead_letters()
     assert dead["task_id"] == "t1" and dead["reason"] == "broken"
 

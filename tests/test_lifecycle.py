@@ -78,7 +78,7 @@ def test_full_lifecycle_and_every_seed_status_field(cp):
     assert t.ack(["s1"], global_step=2, optimizer_durable=True) == ["s1"]
     status = cp.status()
     assert status["train_backlog"] == 0 and status["queue_in_flight"] == 0 and status["queue_depth"] == 0
-    assert status["durable_global_step"] == 2 and status["durable_acked"] == 2
+    assert status["checkpoint_global_step"] == 2 and status["durable_acked"] == 2
     assert status["prompts_failed"] == 0 and status["run_id"] == cp.run_id
 
 
@@ -271,7 +271,7 @@ def test_a_large_ack_goes_in_steps_and_moves_the_durable_marker_with_the_last(cp
         t.ack(leased, global_step=5, optimizer_durable=True)
     status = cp.status()
     # The first two steps were acked at step 5, not durably: the marker did not move.
-    assert (status["samples_acked"], status["durable_global_step"], status["undurable_acked"]) == (8, None, 8)
+    assert (status["samples_acked"], status["checkpoint_global_step"], status["uncheckpointed_acked"]) == (8, None, 8)
     assert cp.requeue_undurable() == 8                              # a restart replays them
     small_steps.setattr(cp, "_run", run)
     t2 = cp.trainer("tr2", lease_s=60)
@@ -280,7 +280,7 @@ def test_a_large_ack_goes_in_steps_and_moves_the_durable_marker_with_the_last(cp
     assert sorted(replay) == sorted(leased[:8])
     assert sorted(t2.ack(replay, global_step=5, optimizer_durable=True)) == sorted(leased[:8])
     status = cp.status()
-    assert (status["samples_acked"], status["durable_global_step"], status["undurable_acked"]) == (8, 5, 0)
+    assert (status["samples_acked"], status["checkpoint_global_step"], status["uncheckpointed_acked"]) == (8, 5, 0)
 
 
 def test_a_large_ack_is_not_refused_halfway_when_another_trainer_moves_the_step(cp, small_steps):
@@ -293,8 +293,8 @@ def test_a_large_ack_is_not_refused_halfway_when_another_trainer_moves_the_step(
     before_step(cp, small_steps, 2, lambda: b.ack(theirs, global_step=6, optimizer_durable=True))
     assert sorted(a.ack(mine, global_step=5, optimizer_durable=True)) == sorted(mine)
     status = cp.status()
-    assert (status["samples_acked"], status["global_step"], status["durable_global_step"]) == (10, 6, 6)
-    assert status["undurable_acked"] == 0 and a.held == []
+    assert (status["samples_acked"], status["durable_global_step"], status["checkpoint_global_step"]) == (10, 6, 6)
+    assert status["uncheckpointed_acked"] == 0 and a.held == []
 
 
 def test_a_large_durable_ack_without_a_step_is_durable_in_every_step(cp, small_steps):
@@ -322,7 +322,7 @@ def test_a_large_ack_under_way_when_the_run_is_rolled_back_does_not_undo_the_rol
     small_steps.setattr(cp, "_run", run)
     assert requeued == [4]                                       # the first step's 4 ids
     status = cp.status()
-    assert (status["global_step"], status["durable_global_step"]) == (4, 4)
+    assert (status["durable_global_step"], status["checkpoint_global_step"]) == (4, 4)
     restarted = cp.trainer("restarted", lease_s=60)
     replay = [r.sample_id for r in restarted.lease(10)]
     assert sorted(replay) == sorted(held[:4])
@@ -344,7 +344,7 @@ def test_the_rest_of_a_large_ack_after_a_crash_that_lost_its_first_step_goes_on(
                 lambda: cp.redis.hset(cp.keys.durable, mapping={"global_step": 6, "durable_global_step": 6}))
     assert sorted(t.ack(ids, global_step=7, optimizer_durable=True)) == sorted(ids)
     status = cp.status()
-    assert (status["global_step"], status["durable_global_step"], status["samples_acked"]) == (6, 6, 9)
+    assert (status["durable_global_step"], status["checkpoint_global_step"], status["samples_acked"]) == (6, 6, 9)
 
 
 def test_a_large_commit_checks_every_record_before_its_first_step(cp, small_steps):

@@ -114,7 +114,7 @@ def test_lost_ack_reply_acks_once(proxied, drops):
     assert counters(direct)["samples_acked"] == 4
     assert direct.redis.xlen(direct.keys.ack_log) == 1, "the ack script ran more than once"
     assert idset.members(direct.redis, direct.keys.acked) == {"s0", "s1", "s2", "s3"}
-    assert direct.status()["durable_global_step"] == 5
+    assert direct.status()["checkpoint_global_step"] == 5
 
 
 def test_lost_fail_reply_counts_one_attempt(proxied):
@@ -179,7 +179,7 @@ def test_lost_reply_of_an_ack_that_acked_nothing_is_not_run_again(proxied):
     assert stale.ack(["s0"], global_step=5, optimizer_durable=True) == []   # s0 is not its lease
     assert proxy.dropped == 1
     status = direct.status()
-    assert (status["global_step"], status["durable_global_step"]) == (5, 5)
+    assert (status["durable_global_step"], status["checkpoint_global_step"]) == (5, 5)
     log = [fields for _, fields in direct.redis.xrange(direct.keys.ack_log)]
     assert len(log) == 1, "the retry ran the ack again"
 

@@ -74,7 +74,7 @@ def test_an_acked_sample_keeps_no_record(acked_run):
     cp, client = acked_run["cp"], acked_run["client"]
     status = cp.status()
     assert status["samples_acked"] == SAMPLES + 1 and status["train_backlog"] == 0
-    assert status["durable_acked"] == SAMPLES + 1 and status["undurable_acked"] == 0
+    assert status["durable_acked"] == SAMPLES + 1 and status["uncheckpointed_acked"] == 0
     for name in ("samples", "tasks", "task_bytes", "task_attempts", "prompt_leases", "prompt_deadlines",
                  "train_leases", "train_deadlines", "undurable", "pending", "train_queue", "worker_inflight"):
         assert not client.exists(getattr(cp.keys, name)), f"{name} still holds data after every sample was acked"

@@ -18,7 +18,7 @@ def test_readme_usage_example_runs(redis_url, capsys):
     try:
         exec(compile(code, str(README), "exec"), {})
         status = ControlPlane.from_url(redis_url, run_id=run_id).status()
-        assert status["samples_acked"] == 1 and status["durable_global_step"] == 1
+        assert status["samples_acked"] == 1 and status["checkpoint_global_step"] == 1
         assert status["backpressure"]["resident_bytes"] == 3 << 30
         assert f"'run_id': '{run_id}'" in capsys.readouterr().out
     finally:

@@ -157,7 +157,7 @@ def test_ack_and_durable_marker_survive_kill_9_exactly(aof_server):
     after = dump_run(cp)
     assert after == before
     status = cp.status()
-    assert (status["global_step"], status["durable_global_step"]) == (8, 7)
+    assert (status["durable_global_step"], status["checkpoint_global_step"]) == (8, 7)
     assert (status["samples_acked"], status["queue_in_flight"], status["prompts_failed"]) == (2, 1, 1)
     assert status["backpressure"]["pause_transitions"] == 1
     # The held lease survived too: the trainer finishes its work after the restart.

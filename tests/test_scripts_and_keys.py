@@ -204,7 +204,7 @@ def test_wheel_ships_scripts_and_works_from_another_directory(tmp_path, redis_ur
     assert result["module"].startswith(str(venv)), f"imported {result['module']}, not the wheel"
     assert result["lua"].startswith(str(venv)), f"scripts read from {result['lua']}, not the wheel"
     assert result["ids"] == ["t0"] and result["committed"] == ["s0"] and result["acked"] == ["s0"]
-    assert result["status"]["durable_global_step"] == 1
+    assert result["status"]["checkpoint_global_step"] == 1
     assert result["status"]["train_backlog"] == 0
 
 

@@ -29,7 +29,8 @@ def _as_bytes(item):
 def test_decoded_and_raw_bytes_replies_read_the_same():
     decoded = build_status("run", RAW)
     assert build_status("run", _as_bytes(RAW)) == decoded
-    assert decoded["samples_acked"] == 3 and decoded["durable_global_step"] == 10
-    assert decoded["train_backlog"] == 4 and decoded["durable_acked"] == 2
+    assert decoded["samples_acked"] == 3 and decoded["checkpoint_global_step"] == 10
+    assert decoded["train_backlog"] == 4 and decoded["durable_acked"] == 3 and decoded["uncheckpointed_acked"] == 1
+    assert decoded["durable_global_step"] == 12
     assert decoded["backpressure"]["free_to_high_watermark_bytes"] == 4096
     assert decoded["backpressure"]["max_resident_bytes"] == 16384
