@@ -506,7 +506,10 @@ def config_show(target: Target, as_json: bool) -> None:
     click.echo(f"config version {current['version']}")
     for group in ("settings", "backpressure"):
         for name, value in current[group].items():
-            click.echo(f"{name:34}{fmt_value(value)}")
+            shown = fmt_value(value)
+            if name == "low_watermark_bytes" and value is None and current[group].get("high_watermark_bytes") is not None:
+                shown += " (follows high_watermark_bytes)"
+            click.echo(f"{name:34}{shown}")
 
 
 

@@ -36,7 +36,9 @@ class BackpressureConfig:
     """The backpressure levers; every one optional (None disables it).
 
     ``high_watermark_bytes`` given without ``low_watermark_bytes`` means low = high (no
-    hysteresis band; the latch then resumes only strictly below the threshold).
+    hysteresis band; the latch then resumes only strictly below the threshold). Low then
+    stays unset and follows high when high is changed later
+    (:attr:`effective_low_watermark_bytes` gives the value in force).
     """
 
     high_watermark_bytes: Optional[int] = None
@@ -59,8 +61,11 @@ class BackpressureConfig:
                 f"low_watermark_bytes {low} > high_watermark_bytes {high}; the low watermark "
                 "must not exceed the high one"
             )
-        if high is not None and low is None:
-            object.__setattr__(self, "low_watermark_bytes", high)
+
+    @property
+    def effective_low_watermark_bytes(self) -> Optional[int]:
+        """The low watermark in force, bytes: ``low_watermark_bytes``, else the high one."""
+        return self.high_watermark_bytes if self.low_watermark_bytes is None else self.low_watermark_bytes
 
     @property
     def enabled(self) -> bool:

@@ -62,11 +62,29 @@ def test_low_above_high_is_rejected_and_the_stored_config_is_unchanged(cp):
 
 
 def test_high_without_low_means_low_equals_high(cp):
-    assert BackpressureConfig(high_watermark_bytes=100).low_watermark_bytes == 100
-    cp.configure_backpressure(BackpressureConfig(high_watermark_bytes=100))
-    assert cp.backpressure_config().low_watermark_bytes == 100
+    config = BackpressureConfig(high_watermark_bytes=100)
+    assert (config.low_watermark_bytes, config.effective_low_watermark_bytes) == (None, 100)
+    cp.configure_backpressure(config)
+    assert cp.backpressure_config().effective_low_watermark_bytes == 100
     snap = bp(cp)
     assert snap["high_watermark_bytes"] == snap["low_watermark_bytes"] == 100
+
+
+@pytest.mark.parametrize("first", ["configure_backpressure", "set_config"])
+def test_a_low_watermark_left_unset_follows_a_later_high(cp, first):
+    """However high was set first, an unset low stays unset: raising high later opens
+    no band nobody asked for, and lowering it is not refused over a low never given."""
+    if first == "configure_backpressure":
+        cp.configure_backpressure(BackpressureConfig(high_watermark_bytes=100))
+    else:
+        cp.set_config("first", high_watermark_bytes=100)
+    cp.set_config("more room", high_watermark_bytes=200)
+    assert cp.backpressure_config().low_watermark_bytes is None
+    shard = cp.capacity_reporter("s0")
+    assert shard.report(200).paused is True
+    assert shard.report(150).paused is False  # low = high = 200: no band
+    cp.set_config("less room", high_watermark_bytes=80)
+    assert bp(cp)["low_watermark_bytes"] == 80
 
 
 def test_latch_holds_its_state_inside_the_band(cp):
