@@ -460,6 +460,19 @@ def test_reservation_admits_work_only_below_the_high_watermark(cp):
     assert bp(cp)["reserved_bytes"] == 600
 
 
+def test_reservation_holds_bytes_in_flight_to_high_before_any_capacity_report(cp):
+    """No store has reported: the latch never pauses (as in the seed), but the
+    reservation rule still keeps the bytes in flight within high (docs/backpressure.md)."""
+    cp.ingest_prompts([PromptTask(task_id=f"t{i}", run_id=cp.run_id, estimated_bytes=1024)
+                       for i in range(10)])
+    cp.configure_backpressure(BackpressureConfig(high_watermark_bytes=4096, low_watermark_bytes=2048))
+    worker = cp.rollout_worker("w")
+    assert len(worker.lease(10)) == 4 and worker.lease(1) == []
+    snap = bp(cp)
+    assert (snap["paused"], snap["shards"], snap["resident_bytes"]) == (False, 0, 0)
+    assert (snap["reserved_bytes"], snap["rollout_starved"]) == (4096, 1)
+
+
 def test_reservation_released_on_expiry_and_default_task_bytes(cp):
     ingest(cp, 4)                                        # no per-task estimate
     cp.configure_backpressure(BackpressureConfig(high_watermark_bytes=1000, default_task_bytes=400))
