@@ -40,7 +40,7 @@ from .control_plane import ControlPlane, connect
 from .errors import (AuthenticationFailed, ConfigError, ConnectionFailed, DataflowError,
                      InvalidArgument, UnknownRun)
 from .keys import DEFAULT_NAMESPACE, runs_patterns, validate_namespace, validate_run_id
-from .scripts import translate_error
+from .scripts import auth_failed, translate_error
 
 DEFAULT_URL = "redis://localhost:6379/0"
 CLI_RETRY_S = 3.0
@@ -233,8 +233,7 @@ def cli_error(exc: BaseException, target: Optional[Target]) -> click.ClickExcept
         message, code = f"{where}: the Redis user lacks a permission ({text})", EXIT_AUTH
     elif isinstance(exc, redis.AuthenticationError) or (
             isinstance(exc, redis.ResponseError) and text.split(" ", 1)[0] in ("WRONGPASS", "NOAUTH")):
-        message, code = (f"{where}: Redis refused the credentials ({text}); check the user and password "
-                         "in --redis-url / DATAFLOW_REDIS_URL"), EXIT_AUTH
+        return cli_error(auth_failed(text), target)
     elif isinstance(exc, redis.ResponseError) and text.startswith("DB index is out of range"):
         return cli_error(translate_error(exc), target)
     elif isinstance(exc, ConnectionFailed):
@@ -531,6 +530,8 @@ def config_set(target: Target, assignments: tuple[str, ...], reason: str, create
         name, sep, text = item.partition("=")
         if not sep or not name:
             raise ConfigError(f"expected KEY=VALUE, got {item!r} (e.g. high_watermark_bytes=67108864)")
+        if name.strip() in values:
+            raise ConfigError(f"{name.strip()} is given twice; give each field once")
         values[name.strip()] = parse_value(name.strip(), text)
     cp = target.control_plane(must_exist=not create)
     version = cp.set_config(reason, **values)
@@ -544,6 +545,8 @@ def config_set(target: Target, assignments: tuple[str, ...], reason: str, create
 @pass_target
 def pause(target: Target, reason: str) -> None:
     """Operator pause: no prompt is leased until `resume`, whatever the watermarks say."""
+    if not reason.strip():
+        raise InvalidArgument("--reason is empty; say why the run is paused (status and the event log show it)")
     cp = target.control_plane()
     if cp.pause(reason):
         click.echo(f"run {target.run} paused: {reason}")

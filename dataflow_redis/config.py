@@ -105,10 +105,10 @@ def _check_field(name: str, value: Any) -> None:
     maximum = _MAXIMA.get(name, MAX_INT)
     if kind is int:
         ok = type(value) is int and minimum <= value <= maximum
-        want = f"an integer >= {minimum:g}" if maximum == MAX_INT else f"an integer from {minimum:g} to {maximum}"
+        want = f"an integer from {minimum:g} to {maximum}"
     else:
         ok = (type(value) in (int, float) and math.isfinite(value) and minimum <= value <= MAX_INT)
-        want = f"a number >= {minimum:g}"
+        want = f"a number from {minimum:g} to {MAX_INT}"
     if not ok:
         raise ConfigError(f"{name} must be {want} or None, got {value!r}")
 
@@ -117,7 +117,9 @@ def parse_value(name: str, text: str) -> Any:
     """Parse a CLI string (``none`` unsets) into the field's type, validated."""
     if name not in _RULES:
         raise ConfigError(f"unknown config field {name!r}; known: {', '.join(sorted(_RULES))}")
-    if text.strip().lower() in ("none", "null", ""):
+    if not text.strip():
+        raise ConfigError(f"{name} has no value; give one, or {name}=none to unset it")
+    if text.strip().lower() in ("none", "null"):
         return None
     kind, _ = _RULES[name]
     try:

@@ -64,19 +64,29 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
     options = dict(decode_responses=True, socket_connect_timeout=5.0, socket_timeout=SOCKET_TIMEOUT_S,
                    socket_keepalive=True, retry=Retry(NoBackoff(), 0))
     usage = "use redis://[user:password@]host:port/db, rediss://... or unix:///path"
+    if not isinstance(url, str):
+        raise InvalidArgument(f"the Redis URL must be a string, got {type(url).__name__}; {usage}")
     try:
-        if url.startswith("unix://"):
-            del options["socket_keepalive"]  # a TCP option: unix socket connections refuse it
-        elif isinstance(url, str):
-            # redis-py reads a database it cannot parse as database 0: a typo would steer
-            # another database's runs.
-            database = unquote(urlsplit(url).path).strip("/")
-            if database and not database.isdigit():
-                raise InvalidArgument(
-                    f"bad Redis URL: database {database!r} is not a number; use redis://host:port/<db number>")
-        options.update(kwargs)
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL"
+        raise InvalidArgument(f"bad Redis URL: {exc}; {usage}") from None
+    # Only the scheme is quoted back: the rest may hold a password.
+    if parts.scheme not in ("redis", "rediss", "unix") or not url.startswith(parts.scheme + "://"):
+        got = f"it starts with {parts.scheme + ':'!r}" if parts.scheme else "it has none"
+        raise InvalidArgument(f"bad Redis URL: it must start with redis://, rediss:// or unix:// ({got}); {usage}")
+    if parts.scheme == "unix":
+        del options["socket_keepalive"]  # a TCP option: unix socket connections refuse it
+    else:
+        # redis-py reads a database it cannot parse as database 0: a typo would steer
+        # another database's runs.
+        database = unquote(parts.path).strip("/")
+        if database and not database.isdigit():
+            raise InvalidArgument(
+                f"bad Redis URL: database {database!r} is not a number; use redis://host:port/<db number>")
+    options.update(kwargs)
+    try:
         return redis.Redis.from_url(url, **options)
-    except ValueError as exc:  # from urlsplit (e.g. "Invalid IPv6 URL") or from redis-py
+    except ValueError as exc:  # from redis-py (a bad port, query option, ...)
         raise InvalidArgument(f"bad Redis URL: {exc}; {usage}") from None
 
 class ControlPlane:

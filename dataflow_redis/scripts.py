@@ -292,7 +292,7 @@ class ScriptRunner:
                     "decode the text properly before passing it"
                 ) from None
             except redis.AuthenticationError as exc:
-                raise errors.AuthenticationFailed(f"Redis refused the credentials: {exc}") from None
+                raise auth_failed(str(exc)) from None
             except RETRYABLE as exc:
                 retry = retry or Retry(self.retry_s, started)
                 retry.wait(exc)
@@ -321,7 +321,7 @@ class ScriptRunner:
                     raise translate_error(exc) from None
                 retry.wait(exc)
             except redis.AuthenticationError as exc:
-                raise errors.AuthenticationFailed(f"Redis refused the credentials: {exc}") from None
+                raise auth_failed(str(exc)) from None
             except RETRYABLE as exc:
                 retry.wait(exc)
 
@@ -357,6 +357,27 @@ def is_transient(exc: BaseException) -> bool:
         isinstance(exc, redis.ResponseError) and str(exc).startswith(_PASSING_STATES))
 
 
+_NO_PASSWORD_GIVEN = ("HELLO must be called with the client already authenticated", "Authentication required",
+                      "Protocol error: unauthenticated")
+
+
+def auth_failed(message: str) -> errors.AuthenticationFailed:
+    """The library's error for Redis refusing a client's credentials, saying what to fix."""
+    message = message.rstrip(".")
+    if any(marker in message for marker in _NO_PASSWORD_GIVEN):
+        # redis-py 8 opens with HELLO, which a server with a password refuses as
+        # "NOAUTH HELLO must be called ..."; older clients meet "NOAUTH Authentication required".
+        return errors.AuthenticationFailed(
+            "Redis refused the credentials: the server requires a password and the URL gives none; "
+            "put it in the URL (redis://:PASSWORD@host:port/db, or redis://USER:PASSWORD@... for an ACL user)")
+    if "without any password configured" in message:
+        return errors.AuthenticationFailed(
+            "Redis refused the credentials: the URL gives a password but the server has none set; "
+            "remove it from the URL (or set requirepass on the server)")
+    return errors.AuthenticationFailed(
+        f"Redis refused the credentials ({message}); check the user and password in the URL")
+
+
 def translate_error(exc: redis.ResponseError) -> errors.DataflowError:
     """The library's exception for an error reply of Redis or of a script."""
     message = str(exc)
@@ -378,9 +399,7 @@ def translate_error(exc: redis.ResponseError) -> errors.DataflowError:
     if message.startswith("NOAUTH") or message.startswith("Protocol error: unauthenticated"):
         # No password given to a server that wants one: Redis answers a long first
         # command (a script call) from an unauthenticated client with a protocol error.
-        return errors.AuthenticationFailed(
-            f"Redis refused the credentials: the server requires authentication ({message}); "
-            "put the user and password in the URL")
+        return auth_failed(message)
     if "MISCONF" in message[:10]:
         # Redis checks this at a script's first write, so the call wrote nothing.
         return errors.WritesRefused(
