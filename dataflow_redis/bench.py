@@ -998,6 +998,17 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
     (``server_binary``, else the one :func:`~dataflow_redis.embedded.find_redis_server`
     finds) and stopped at the end.
     """
+    from .embedded import exit_on_terminate
+
+    with exit_on_terminate():
+        return _run_bench(redis_url, quick, sections, seconds, processes, backlog, workers, memory_tasks,
+                          cycle_processes, server_binary, say, cycle_seconds, cycle_rounds, floor_rounds)
+
+
+def _run_bench(redis_url: Optional[str], quick: bool, sections: tuple, seconds: Optional[float],
+               processes: Optional[list[int]], backlog: Optional[int], workers: int, memory_tasks: Optional[int],
+               cycle_processes: int, server_binary: Optional[str], say: Callable[[str], None],
+               cycle_seconds: Optional[float], cycle_rounds: int, floor_rounds: int) -> dict:
     from .embedded import RedisServer, find_redis_server
 
     seconds = seconds if seconds is not None else (0.2 if quick else 1.2)
@@ -1008,7 +1019,7 @@ def run_bench(redis_url: Optional[str] = None, quick: bool = False, sections: tu
     server = None
     if redis_url is None:
         server_binary = server_binary or find_redis_server()
-        server = RedisServer(binary=server_binary).launch()
+        server = RedisServer(binary=server_binary, tied_to_parent=True).launch()
         redis_url = server.url
     try:
         cycle_seconds = cycle_seconds if cycle_seconds is not None else max(0.4, seconds)

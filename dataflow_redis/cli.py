@@ -16,6 +16,7 @@ Errors print one line on stderr and exit with a code that says what went wrong:
 | 3    | Redis unreachable                                           |
 | 4    | Redis refused the credentials or lacks an ACL permission    |
 | 5    | unknown run (no state under this run id and namespace)      |
+| 130  | interrupted (Ctrl-C); 143 for SIGTERM (demo, bench)         |
 
 Set ``DATAFLOW_REDIS_DEBUG=1`` to see the Python traceback of an unexpected error.
 """
@@ -269,6 +270,11 @@ class DataflowCli(click.Group):
             return super().invoke(ctx)
         except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
             raise
+        except KeyboardInterrupt:
+            # Ctrl-C: the conventional 128 + SIGINT, not click's "Aborted!" with exit 1
+            # (which a script could not tell from a failed command).
+            click.echo("interrupted", err=True)
+            raise click.exceptions.Exit(130) from None
         except BrokenPipeError:
             # The reader went away (`dataflow-redis events | head`): stop quietly.
             devnull = os.open(os.devnull, os.O_WRONLY)
@@ -812,7 +818,14 @@ def demo(ctx: click.Context, role: str, index: Optional[int], as_json: bool, plo
         return
 
     if plot:
-        demo_module.import_pyplot()  # fail before the run, not after it
+        plt = demo_module.import_pyplot()  # fail before the run, not after it
+        extension = os.path.splitext(plot)[1].lstrip(".").lower()
+        supported = plt.figure().canvas.get_supported_filetypes()
+        plt.close("all")
+        if extension not in supported:
+            what = f"a {extension!r} image" if extension else "an image without a file extension"
+            raise InvalidArgument(f"--plot: cannot write {what}; end the name with one of "
+                                  f".{', .'.join(sorted(supported))}")
         folder = os.path.dirname(os.path.abspath(plot))
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise InvalidArgument(f"--plot: cannot write into {folder!r} (missing or read-only)")

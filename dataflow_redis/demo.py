@@ -46,8 +46,8 @@ from typing import Any, Callable, Optional
 
 from .config import BackpressureConfig
 from .control_plane import ControlPlane
-from .embedded import RedisServer
-from .errors import DataflowError, InvalidArgument, StepRegression
+from .embedded import RedisServer, die_with_parent, exit_on_terminate
+from .errors import ConnectionFailed, DataflowError, InvalidArgument, StepRegression
 from .keys import DEFAULT_NAMESPACE
 from .records import FeatureSpec, SampleRef
 from .simstore import SimulatedFeatureStore
@@ -101,7 +101,8 @@ class DemoPlan:
         if self.min_tokens > self.max_tokens:
             raise InvalidArgument("demo min-tokens must not exceed max-tokens")
         if self.low_watermark_bytes > self.high_watermark_bytes:
-            raise InvalidArgument("demo low watermark must not exceed the high watermark")
+            raise InvalidArgument(f"demo low watermark {self.low_watermark_bytes} must not exceed the high watermark "
+                                  f"{self.high_watermark_bytes} (bytes); give --low-watermark below --high-watermark")
         if self.store_cap_bytes < self.max_tokens * BYTES_PER_TOKEN:
             raise InvalidArgument("demo store cap is smaller than one sample; raise --store-cap")
 
@@ -360,14 +361,23 @@ def run_demo(plan: DemoPlan, redis_url: Optional[str] = None, run_id: Optional[s
     run's keys at the end; keep them to inspect the run with ``dataflow-redis status``.
     ``progress(status, sample)`` is called about every ``progress_every_s`` seconds.
     """
+    with exit_on_terminate():
+        return _run_demo(plan, redis_url, run_id, namespace, sample_s, timeout_s, cleanup, progress,
+                         progress_every_s)
+
+
+def _run_demo(plan: DemoPlan, redis_url: Optional[str], run_id: Optional[str], namespace: str,
+              sample_s: float, timeout_s: float, cleanup: Optional[bool],
+              progress: Optional[Callable[[dict, Sample], None]], progress_every_s: float) -> DemoResult:
     server = None
     if redis_url is None:
-        server = RedisServer().launch()
+        server = RedisServer(tied_to_parent=True).launch()
         url = server.url
     else:
         url = redis_url
     run_id = run_id or f"demo-{uuid.uuid4().hex[:6]}"
-    cp = ControlPlane.from_url(url, run_id, namespace)
+    # On the private server a short retry: if it stops answering, it has died.
+    cp = ControlPlane.from_url(url, run_id, namespace, retry_s=2.0 if server else 20.0)
     processes: list[tuple[str, subprocess.Popen]] = []
     try:
         if cp.exists() or cp.redis.exists(_demo_key(run_id, "plan")):
@@ -385,13 +395,14 @@ def run_demo(plan: DemoPlan, redis_url: Optional[str] = None, run_id: Optional[s
             command = [sys.executable, "-m", "dataflow_redis.demo", role, str(index)]
             processes.append((f"{role}-{index}", subprocess.Popen(command, env=env, cwd=package_root,
                                                                    stdin=subprocess.DEVNULL,
-                                                                   stdout=subprocess.DEVNULL)))
+                                                                   stdout=subprocess.DEVNULL,
+                                                                   preexec_fn=die_with_parent)))
 
         samples: list[Sample] = []
         deadline = time.monotonic() + timeout_s
         next_progress = 0.0
         while True:
-            status = cp.status()
+            status = _status(cp, server)
             sample = _sample(status, start_ms)
             samples.append(sample)
             if progress and time.monotonic() >= next_progress:
@@ -409,7 +420,7 @@ def run_demo(plan: DemoPlan, redis_url: Optional[str] = None, run_id: Optional[s
                 raise DataflowError(f"demo did not finish within {timeout_s:.0f} s; the machine may be overloaded")
             time.sleep(sample_s)
 
-        status = cp.status()
+        status = _status(cp, server)
         samples.append(_sample(status, start_ms))
         if progress:
             progress(status, samples[-1])
@@ -435,6 +446,18 @@ def run_demo(plan: DemoPlan, redis_url: Optional[str] = None, run_id: Optional[s
             server.stop()
 
 
+def _status(cp: ControlPlane, server: Optional[RedisServer]) -> dict:
+    """``cp.status()``; on the private server, a clear error if that server has died."""
+    try:
+        return cp.status()
+    except ConnectionFailed:
+        if server is None or server.process is None or server.process.poll() is None:
+            raise
+        log = server.log_tail(5).replace("\n", " | ")
+        raise DataflowError(f"the demo's private redis-server exited (code {server.process.returncode}) "
+                            f"during the run; its log ends: {log or '(empty)'}") from None
+
+
 def _summary(cp: ControlPlane, plan: DemoPlan, status: dict, samples: list[Sample],
              store: SimulatedFeatureStore, server: Optional[RedisServer]) -> dict[str, Any]:
     bp = status["backpressure"]
@@ -444,7 +467,7 @@ def _summary(cp: ControlPlane, plan: DemoPlan, status: dict, samples: list[Sampl
     summary = {
         "run_id": cp.run_id,
         # The URL is never echoed: it may carry a password.
-        "redis": f"private redis-server on 127.0.0.1:{server.port}" if server else "external (--redis-url)",
+        "redis": f"private redis-server on 127.0.0.1:{server.port}" if server else "external (the given URL)",
         "prompts": plan.prompts,
         "rollout_workers": plan.workers,
         "trainers": plan.trainers,

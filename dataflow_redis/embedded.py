@@ -8,15 +8,17 @@ removed) by :meth:`RedisServer.stop` or on leaving a ``with`` block.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 from urllib.parse import quote
 
 import redis
@@ -43,6 +45,44 @@ def find_redis_server() -> str:
     )
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child process: it gets SIGTERM when the process that started
+    it dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing happens).
+    Start such children from the main thread: the signal comes when the starting thread
+    ends."""
+    parent = os.getppid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def exit_on_terminate() -> Iterator[None]:
+    """Inside, SIGTERM and SIGHUP raise ``SystemExit(128 + signal number)`` in the main
+    thread, so that ``finally`` blocks run (a private server stopped, its directory
+    removed, child processes ended) as on Ctrl-C, instead of the process dying on the
+    spot (`kill`, `timeout`, a closed terminal, a cancelled CI job). Elsewhere than in
+    the main thread it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def free_port() -> int:
     """A free loopback TCP port <= 55535 (cluster mode also needs port + 10000)."""
     while True:
@@ -60,17 +100,21 @@ class RedisServer:
     acknowledged write survive kill -9). ``password`` sets requirepass. ``extra_args``
     are passed through (e.g. ``["--maxmemory", "100mb"]``). The port and data directory
     stay the same across :meth:`kill` and :meth:`start`, so a restart finds its AOF.
+    ``tied_to_parent`` ends the server when the process that started it dies (see
+    :func:`die_with_parent`; the demo and the benchmark use it).
     """
 
     def __init__(self, port: Optional[int] = None, appendonly: bool = False,
                  appendfsync: str = "everysec", password: Optional[str] = None,
-                 extra_args: Sequence[str] = (), binary: Optional[str] = None) -> None:
+                 extra_args: Sequence[str] = (), binary: Optional[str] = None,
+                 tied_to_parent: bool = False) -> None:
         self.binary = binary or find_redis_server()
         self.port = port or free_port()
         self.password = password
         self.appendonly = appendonly
         self.appendfsync = appendfsync
         self.extra_args = list(extra_args)
+        self.tied_to_parent = tied_to_parent
         self.dir = tempfile.mkdtemp(prefix="dataflow-redis-")
         self.process: Optional[subprocess.Popen] = None
 
@@ -94,7 +138,8 @@ class RedisServer:
         if self.process and self.process.poll() is None:
             self.stop(remove_files=False)
         try:
-            self.process = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            self.process = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                            preexec_fn=die_with_parent if self.tied_to_parent else None)
         except OSError as exc:
             raise DataflowError(f"cannot run {self.binary}: {exc.strerror or exc}") from None
         client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,

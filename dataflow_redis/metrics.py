@@ -48,7 +48,8 @@ TOP_LEVEL = (
     ("uncheckpointed_acked", "uncheckpointed_acked", "gauge",
      "Acked samples above checkpoint_global_step (requeue_undurable replays them)."),
     ("fenced_commits", "fenced_commits_total", "counter",
-     "Commits rejected because the lease had expired and been re-granted."),
+     "Committed refs rejected because the worker did not hold their source task's lease "
+     "(expired and re-granted, or never granted to it)."),
     ("config_version", "config_version", "gauge", "Version of the run's stored config."),
     ("server_time_ms", "server_time_seconds", "gauge", "Redis server time of the snapshot, seconds."),
 )

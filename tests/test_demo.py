@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -147,8 +149,96 @@ def test_demo_refuses_an_existing_run_and_bad_sizes(redis_url, demo_run):
     assert result.exit_code == EXIT_BAD_VALUE and "already exists" in result.stderr
     result = runner.invoke(main, ["demo", "--high-watermark", "1000", "--low-watermark", "2000"])
     assert result.exit_code == EXIT_BAD_VALUE
-    assert result.stderr.strip().count("\n") == 0 and "low watermark" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+    assert "low watermark 2000 must not exceed the high watermark 1000" in result.stderr
     result = runner.invoke(main, ["demo", "--role", "rollout"])
     assert result.exit_code == EXIT_BAD_VALUE and "--role needs --redis-url" in result.stderr
     result = runner.invoke(main, ["demo", "--plot", "/no/such/folder/demo.png"])
     assert result.exit_code == EXIT_BAD_VALUE and "--plot: cannot write into '/no/such/folder'" in result.stderr
+    # Refused before the run, not after it (the run would take its whole time first).
+    result = runner.invoke(main, ["demo", "--plot", "/tmp/demo.jpgx"])
+    assert result.exit_code == EXIT_BAD_VALUE and "--plot: cannot write a 'jpgx' image" in result.stderr
+    assert ".png" in result.stderr and "demo:" not in result.stderr  # the run never started
+
+
+
+# ------------------------------------------------------------- stopping the demo
+def _start_demo(tmp_path):
+    """``dataflow-redis demo`` on its private server, long enough to be stopped midway;
+    its temporary files go under ``tmp_path``. Returns the process once every role and
+    the server run, and the pids of all its descendants."""
+    env = {k: v for k, v in os.environ.items() if k not in CLEAN_ENV}
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-c", "from dataflow_redis.cli import main; main()", "demo",
+                             "--prompts", "100000", "--rollout-ms", "20"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        family = _descendants(proc.pid)
+        if sum("dataflow_redis.demo" in args for args in family.values()) == 7 and \
+                any("redis-server" in args for args in family.values()):
+            return proc, family
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"the demo did not start its roles: {proc.communicate()}")
+
+
+def _descendants(pid):
+    """{pid: command line} of every live descendant of ``pid``."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines() if line.strip()]
+    children, found, todo = {}, {}, [pid]
+    for row in rows:
+        children.setdefault(int(row[1]), []).append((int(row[0]), row[2] if len(row) > 2 else ""))
+    while todo:
+        for child, args in children.get(todo.pop(), []):
+            found[child] = args
+            todo.append(child)
+    return found
+
+
+def _gone(pids, within_s=15.0):
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if os.path.exists(f"/proc/{p}") and
+                 not open(f"/proc/{p}/stat").read().split(") ")[1].startswith("Z")]
+        if not alive:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, 130)])
+def test_a_stopped_demo_stops_its_processes_and_server_and_removes_its_files(tmp_path, sig, code):
+    """kill, timeout, a cancelled job (SIGTERM) or Ctrl-C (SIGINT, to the parent alone
+    here): the roles and the private server end, the server's directory is removed."""
+    proc, family = _start_demo(tmp_path)
+    assert list(tmp_path.glob("dataflow-redis-*")), "the private server keeps its files under TMPDIR"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == code, stderr
+    assert "Traceback" not in stderr
+    assert _gone(family), f"left running: {_descendants(proc.pid) or family}"
+    assert not list(tmp_path.glob("dataflow-redis-*"))
+
+
+def test_a_demo_killed_outright_takes_its_processes_and_server_with_it(tmp_path):
+    """SIGKILL leaves no chance to clean up files, but the roles and the private server
+    end with their parent instead of running on unowned."""
+    proc, family = _start_demo(tmp_path)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert _gone(family), f"left running: {family}"
+
+
+def test_a_demo_whose_private_server_dies_says_so_at_once(tmp_path):
+    proc, family = _start_demo(tmp_path)
+    [server] = [pid for pid, args in family.items() if "redis-server" in args]
+    os.kill(server, signal.SIGKILL)
+    started = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - started < 10, "the parent waited out a long retry"
+    assert proc.returncode == 1 and "Traceback" not in stderr
+    assert "the demo's private redis-server exited (code -9) during the run" in stderr, stderr
+    assert "localhost:6379" not in stderr
+    assert _gone(family)
