@@ -29,7 +29,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import _args, idset
+from . import _args
 from .capacity import CapacityReporter
 from .config import DEFAULT_MAX_RECORD_BYTES, BackpressureConfig, RunSettings, from_redis, to_redis_pairs
 from .errors import ConfigError, InvalidArgument, RecordTooLarge, steps_so_far
@@ -348,15 +348,21 @@ class ControlPlane:
                 rows.append(row)
         return rows
 
-    @retried_read
     def is_acked(self, sample_ids: Iterable[str]) -> list[bool]:
-        """Whether each sample was acked (its dedup marker is kept), in order."""
-        return idset.contains(self.redis, self.keys.acked, _args.ids(sample_ids, "sample id"))
+        """Whether each sample was acked (its dedup marker is kept), in order. Exact
+        while other clients write (lua/read_membership.lua, up to 1,000 ids a call)."""
+        return self._members("acked", _args.ids(sample_ids, "sample id"))
 
-    @retried_read
     def is_done(self, task_ids: Iterable[str]) -> list[bool]:
-        """Whether each task is done (a sample of it was committed), in order."""
-        return idset.contains(self.redis, self.keys.tasks_done, _args.ids(task_ids, "task id"))
+        """Whether each task is done (a sample of it was committed), in order. Exact
+        while other clients write (lua/read_membership.lua, up to 1,000 ids a call)."""
+        return self._members("tasks_done", _args.ids(task_ids, "task id"))
+
+    def _members(self, which: str, ids: list[str]) -> list[bool]:
+        out: list[bool] = []
+        for start in range(0, len(ids), 1000):
+            out += [flag == 1 for flag in self._run("read_membership", [which, *ids[start:start + 1000]])]
+        return out
 
     def server_warnings(self) -> list[str]:
         """Server settings that put the run at risk, each as one sentence (empty when

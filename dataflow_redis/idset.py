@@ -32,7 +32,10 @@ def _shape(client: redis.Redis, key: str) -> tuple[int, int, int]:
 
 
 def contains(client: redis.Redis, key: str, item_ids: Iterable[str]) -> list[bool]:
-    """Membership of each id, in order (two round trips, however many ids)."""
+    """Membership of each id, in order (two round trips, however many ids). Not atomic:
+    a bucket split by a writer between the two reads hides its moved members, so this
+    is for sets nobody writes at the moment (tests, a finished run). During a run,
+    ``cp.is_done`` / ``cp.is_acked`` read in one script (lua/read_membership.lua)."""
     ids = list(item_ids)
     if not ids:
         return []

@@ -136,3 +136,49 @@ def test_bytes_per_id(idset_ops):
         print(f"\n{length}-char ids: packed {per_id:.1f} B/id, Redis set {per_member:.1f} B/member")
         assert per_id <= length + 12
         assert per_member - per_id >= 40
+
+
+def _commit_one_by_one(url: str, run_id: str, count: int) -> None:
+    """Writer process: lease and commit ``count`` tasks one at a time (each commit adds
+    one id to tasks_done, splitting a bucket every few ids)."""
+    from conftest import make_ref
+    from dataflow_redis import ControlPlane
+
+    cp = ControlPlane.from_url(url, run_id)
+    worker = cp.rollout_worker("writer", lease_s=600)
+    for _ in range(count):
+        [task] = worker.lease(1)
+        worker.commit([make_ref(cp, f"{task.task_id}:0", task.task_id)])
+
+
+def test_is_done_and_is_acked_are_exact_while_another_process_writes(make_cp, redis_url):
+    """cp.is_done reads the set's shape and buckets in one script: a reader in another
+    process, asking about tasks done before it started, never sees one missing while a
+    writer's commits split buckets (read in two round trips, about one answer in ten
+    was wrong)."""
+    import multiprocessing
+
+    from conftest import make_ref
+
+    cp = make_cp()
+    cp.ingest_prompts([{"task_id": f"t{i:05d}"} for i in range(3200)])
+    worker = cp.rollout_worker("first", lease_s=600)
+    early = worker.lease(200)
+    worker.commit([make_ref(cp, f"{t.task_id}:0", t.task_id) for t in early])
+    done = [t.task_id for t in early]
+    writer = multiprocessing.get_context("spawn").Process(target=_commit_one_by_one,
+                                                          args=(redis_url, cp.run_id, 3000))
+    writer.start()
+    reads = wrong = 0
+    while writer.is_alive() or reads < 20:
+        answers = cp.is_done(done)
+        reads += 1
+        wrong += answers.count(False)
+    writer.join()
+    assert writer.exitcode == 0
+    assert reads >= 20 and wrong == 0
+    assert cp.status()["prompts_done"] == 3200
+    # More than 1,000 ids go in several calls, in order.
+    many = [f"t{i:05d}" for i in range(3200)] + ["never-ingested"]
+    assert cp.is_done(many) == [True] * 3200 + [False]
+    assert cp.is_acked([f"{i}:0" for i in many[:5]]) == [False] * 5
