@@ -24,7 +24,7 @@ from .records import FeatureSpec, PromptTask, SampleRef
 from .rollout import RolloutWorker
 from .trainer import Trainer
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "AuthenticationFailed", "BackpressureConfig", "CapacityReport", "CapacityReporter",

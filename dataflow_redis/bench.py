@@ -379,6 +379,7 @@ class _Pool:
         # import it afresh under that name.
         ctx.set_forkserver_preload(["dataflow_redis.control_plane", "redis", "click"])
         self.conns, self.procs = [], []
+        self.busy = False
         for index in range(size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(target=_child_main, args=(child, url, index), daemon=True)
@@ -394,6 +395,7 @@ class _Pool:
 
     def send(self, *request: Any, each: Optional[list] = None) -> None:
         """Send ``request`` (or ``each[i]`` to process i) to every process."""
+        self.busy = True
         for i, conn in enumerate(self.conns):
             conn.send(each[i] if each is not None else request)
 
@@ -405,9 +407,16 @@ class _Pool:
             if status != "ok":
                 raise RuntimeError(f"benchmark process failed: {reply}")
             replies.append(reply)
+        self.busy = False
         return replies
 
     def close(self) -> None:
+        """End the processes: idle ones are told to stop; busy ones (closed midway, on
+        an error or a signal) are terminated at once rather than left to finish a
+        schedule that may run for minutes."""
+        if self.busy:
+            for proc in self.procs:
+                proc.terminate()
         for conn in self.conns:
             try:
                 conn.send(None)

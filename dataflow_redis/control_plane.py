@@ -70,9 +70,12 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
         parts = urlsplit(url)
     except ValueError as exc:  # e.g. "Invalid IPv6 URL"
         raise InvalidArgument(f"bad Redis URL: {exc}; {usage}") from None
+    if url != url.strip():
+        raise InvalidArgument(f"bad Redis URL: it has spaces or line breaks around it; {usage}")
     # Only the scheme is quoted back: the rest may hold a password.
     if parts.scheme not in ("redis", "rediss", "unix") or not url.startswith(parts.scheme + "://"):
-        got = f"it starts with {parts.scheme + ':'!r}" if parts.scheme else "it has none"
+        # As typed (urlsplit lowercases the scheme; redis-py wants it in lower case).
+        got = f"it starts with {url[:len(parts.scheme) + 1]!r}" if parts.scheme else "it has none"
         raise InvalidArgument(f"bad Redis URL: it must start with redis://, rediss:// or unix:// ({got}); {usage}")
     if parts.scheme == "unix":
         del options["socket_keepalive"]  # a TCP option: unix socket connections refuse it

@@ -396,7 +396,7 @@ def _run_demo(plan: DemoPlan, redis_url: Optional[str], run_id: Optional[str], n
             processes.append((f"{role}-{index}", subprocess.Popen(command, env=env, cwd=package_root,
                                                                    stdin=subprocess.DEVNULL,
                                                                    stdout=subprocess.DEVNULL,
-                                                                   preexec_fn=die_with_parent)))
+                                                                   preexec_fn=die_with_parent())))
 
         samples: list[Sample] = []
         deadline = time.monotonic() + timeout_s

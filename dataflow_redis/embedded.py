@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 from urllib.parse import quote
 
 import redis
@@ -45,20 +45,34 @@ def find_redis_server() -> str:
     )
 
 
-def die_with_parent() -> None:
-    """``preexec_fn`` for a child process: it gets SIGTERM when the process that started
-    it dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing happens).
-    Start such children from the main thread: the signal comes when the starting thread
-    ends."""
-    parent = os.getppid()
+def _prctl() -> Optional[Callable[..., int]]:
+    """libc's prctl, looked up in the parent (not in a child between fork and exec)."""
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _prctl()
+
+
+def die_with_parent() -> Callable[[], None]:
+    """A ``preexec_fn`` for a child process of this one: the child gets SIGTERM when
+    this process dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing
+    happens). Start such children from the main thread: the signal comes when the
+    starting thread ends."""
+    parent = os.getpid()
+
+    def in_child() -> None:
+        if _PRCTL is None:
+            return
+        _PRCTL(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return in_child
 
 
 @contextlib.contextmanager
@@ -66,16 +80,21 @@ def exit_on_terminate() -> Iterator[None]:
     """Inside, SIGTERM and SIGHUP raise ``SystemExit(128 + signal number)`` in the main
     thread, so that ``finally`` blocks run (a private server stopped, its directory
     removed, child processes ended) as on Ctrl-C, instead of the process dying on the
-    spot (`kill`, `timeout`, a closed terminal, a cancelled CI job). Elsewhere than in
+    spot (`kill`, `timeout`, a closed terminal, a cancelled CI job). A signal already
+    ignored (SIGHUP under ``nohup``) stays ignored, and once the first signal arrives
+    further ones are ignored, so they cannot cut the cleanup short. Elsewhere than in
     the main thread it changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    watched = [sig for sig in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) is not signal.SIG_IGN]
 
     def terminate(signum: int, _frame: object) -> None:
+        for sig in watched:
+            signal.signal(sig, signal.SIG_IGN)
         raise SystemExit(128 + signum)
 
-    previous = {sig: signal.signal(sig, terminate) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous = {sig: signal.signal(sig, terminate) for sig in watched}
     try:
         yield
     finally:
@@ -139,7 +158,7 @@ class RedisServer:
             self.stop(remove_files=False)
         try:
             self.process = subprocess.Popen(self.args(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                            preexec_fn=die_with_parent if self.tied_to_parent else None)
+                                            preexec_fn=die_with_parent() if self.tied_to_parent else None)
         except OSError as exc:
             raise DataflowError(f"cannot run {self.binary}: {exc.strerror or exc}") from None
         client = redis.Redis(host="127.0.0.1", port=self.port, password=self.password,

@@ -105,3 +105,30 @@ def test_a_password_with_url_characters_and_a_missing_binary():
     with pytest.raises(DataflowError, match="cannot run /no/such/redis-server"):
         missing.launch()
     assert not os.path.exists(missing.dir)
+
+
+def test_exit_on_terminate_turns_sigterm_into_exit_once_and_respects_nohup():
+    """SIGTERM inside the block raises SystemExit(143) so cleanup runs; a second signal
+    during that cleanup is ignored; SIGHUP already ignored (nohup) stays ignored; the
+    previous handlers come back afterwards."""
+    import signal
+
+    from dataflow_redis.embedded import exit_on_terminate
+
+    before_term = signal.getsignal(signal.SIGTERM)
+    before_hup = signal.signal(signal.SIGHUP, signal.SIG_IGN)   # as under nohup
+    cleaned = False
+    try:
+        with pytest.raises(SystemExit) as info:
+            with exit_on_terminate():
+                os.kill(os.getpid(), signal.SIGHUP)           # ignored: the block goes on
+                try:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                finally:
+                    os.kill(os.getpid(), signal.SIGTERM)       # during cleanup: ignored
+                    cleaned = True
+        assert info.value.code == 128 + signal.SIGTERM and cleaned
+        assert signal.getsignal(signal.SIGTERM) is before_term
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before_hup)
