@@ -72,6 +72,11 @@ class CapacityReporter:
             keys, redis_ = self.cp.keys, self.cp.redis
             stored = redis_.hget(keys.shards, self.store_id) or redis_.hget(keys.retired_shards, self.store_id)
             self._seq = int(_args.text(stored).split("|", 1)[0]) if stored else 0
+        if self._seq + 1 >= 2**53:
+            raise InvalidArgument(
+                f"shard {self.store_id!r} has used every sequence number below 2^53 (its last report "
+                f"had {self._seq}); pass seq= yourself only with small numbers, or deregister the shard "
+                "and report it under a new id")
         self._seq += 1
         return self._seq
 

@@ -56,7 +56,8 @@ class Trainer(LeaseHolder):
         """Lease up to ``max_refs`` refs for ``lease_s`` seconds.
 
         ``timeout_s=None`` returns at once; otherwise waits up to ``timeout_s`` seconds
-        for work (see the module docstring). An empty result counts once as trainer
+        for work (see the module docstring; a Redis outage meanwhile extends the wait
+        by up to ``retry_s``, as for any call). An empty result counts once as trainer
         starvation.
         """
         _args.count(max_refs, "max_refs")

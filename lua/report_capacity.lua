@@ -38,19 +38,22 @@ end
 -- The latch state, the peak and the total, read once (nothing below changes bp.paused
 -- before the latch). The total is checked before the first write.
 local bp = redis.call('HMGET', K.bp, 'paused', 'peak_resident_bytes', 'resident_bytes')
-local total = tonumber(bp[3] or 0) + resident - previous_resident
-if total > 9007199254740991 then
+-- Compared as a change against the room left: every term is an integer below 2^53, so
+-- both sides are exact (total + change could round down to the limit itself).
+if resident - previous_resident > 9007199254740991 - tonumber(bp[3] or 0) then
   return refuse('BADARG', 'the run\'s resident bytes would pass 2^53 - 1 with this report of ' .. ARGV[3] ..
     ' bytes from ' .. shard .. '; report bytes, not bits or a larger unit')
 end
 if not previous and last_seq then redis.call('HDEL', K.retired_shards, shard) end
+-- Shards silent too long are marked first, this one included: a shard that comes back
+-- after a silence nobody else noticed still logs shard_stale, then shard_fresh below.
+mark_stale_shards(cfg, now)
 redis.call('HSET', K.shards, shard, table.concat({ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6], now_text}, '|'))
 redis.call('ZADD', K.shard_seen, now_text, shard)
-total = redis.call('HINCRBY', K.bp, 'resident_bytes', int_text(resident - previous_resident))
+local total = redis.call('HINCRBY', K.bp, 'resident_bytes', int_text(resident - previous_resident))
 if total > tonumber(bp[2] or 0) then
   redis.call('HSET', K.bp, 'peak_resident_bytes', int_text(total))
 end
 if redis.call('SREM', K.stale_shards, shard) == 1 then log_event('shard_fresh', shard, now) end
-mark_stale_shards(cfg, now)
 local paused = evaluate_latch(cfg, now, 'capacity report from ' .. shard, bp[1], total)
 return {1, paused and 1 or 0, total}

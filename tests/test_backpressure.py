@@ -384,9 +384,12 @@ def test_a_silent_shard_turns_stale_keeps_its_bytes_and_clears_on_report(cp):
     snap = bp(cp)
     assert snap["stale_shards"] == ["quiet"]
     assert snap["resident_bytes"] == 1000                # a stale shard's bytes still count
+    # The reporting shard was silent too: its silence is logged, then its return.
+    shard_events = [(e["type"], e["reason"]) for e in cp.events() if e["type"].startswith("shard")]
+    assert sorted(shard_events[:2]) == [("shard_stale", "busy"), ("shard_stale", "quiet")]
+    assert shard_events[2:] == [("shard_fresh", "busy")]
     stale_events = [e for e in cp.events() if e["type"] == "shard_stale"]
-    assert [e["reason"] for e in stale_events] == ["quiet"]
-    assert stale_events[0]["resident_bytes"] == 1000
+    assert all(e["resident_bytes"] == 1000 for e in stale_events)
     quiet.report(650)                                    # it speaks again: fresh
     snap = bp(cp)
     assert snap["stale_shards"] == [] and snap["resident_bytes"] == 950
@@ -432,6 +435,28 @@ def test_a_report_that_would_pass_exact_arithmetic_is_refused_and_changes_nothin
         cp.capacity_reporter("small").report(1)
     assert dump_run(cp) == before
     assert bp(cp)["resident_bytes"] == 2**53 - 1 and cp.redis.hget(cp.keys.bp, "peak_resident_bytes") == str(2**53 - 1)
+
+
+def test_the_exact_arithmetic_bound_holds_to_the_byte(cp):
+    """At the limit, 2^53 - 1 + 2 - 1 rounds back to the limit in doubles: the check
+    compares the change with the room left, so one byte over is refused too."""
+    cp.configure_backpressure(BackpressureConfig(high_watermark_bytes=10**15))
+    a, b = cp.capacity_reporter("a"), cp.capacity_reporter("b")
+    a.report(2**53 - 2)
+    assert b.report(1).run_resident_bytes == 2**53 - 1   # exactly the limit
+    before = dump_run(cp)
+    with pytest.raises(InvalidArgument, match="would pass 2\\^53 - 1 with this report of 2 bytes from b"):
+        b.report(2)
+    assert dump_run(cp) == before
+
+
+def test_automatic_sequence_numbers_stop_short_of_2_to_the_53(cp):
+    shard = cp.capacity_reporter("top")
+    shard.report(10, seq=2**53 - 1)
+    before = dump_run(cp)
+    with pytest.raises(InvalidArgument, match="has used every sequence number below 2\\^53"):
+        shard.report(11)
+    assert dump_run(cp) == before
 
 
 # --------------------------------------------------------------- reservation
@@ -560,20 +585,22 @@ def test_every_transition_is_an_event_with_server_time_and_bytes(cp):
     cp.resume("ops done")
     cp.set_config("watch shard health", stale_after_s=0.1)
     time.sleep(0.15)
-    shard.report(300)                                   # s1 is stale by now; then resume
-    t1 = cp.status()["server_time_ms"]
+    shard.report(300)                                   # both silent by now: s1 stays stale, s0
+    t1 = cp.status()["server_time_ms"]                  # is back; then resume
     events = cp.events()
     assert [e["type"] for e in events] == ["config", "pause", "operator_pause", "operator_resume",
-                                           "config", "shard_stale", "resume"]
+                                           "config", "shard_stale", "shard_stale", "shard_fresh", "resume"]
     for e in events:
         # at_ms is the script's server time; the stream id's time is taken by XADD a
         # moment later in the same script, so it may be a millisecond ahead.
         assert t0 <= e["at_ms"] <= int(e["id"].split("-")[0]) <= t1
         assert set(e) >= {"type", "reason", "at_ms", "resident_bytes", "reserved_bytes", "id"}
-    assert [e["reserved_bytes"] for e in events] == [0] + [200] * 6   # the first config preceded the lease
+    assert [e["reserved_bytes"] for e in events] == [0] + [200] * 8   # the first config preceded the lease
     by_type = {e["type"]: e for e in events}
     assert by_type["pause"]["resident_bytes"] == 1100
-    assert by_type["shard_stale"]["reason"] == "s1" and by_type["shard_stale"]["resident_bytes"] == 300
+    # Silences are marked before the report's bytes count: the stale events see 1100.
+    assert sorted((e["reason"], e["resident_bytes"]) for e in events[5:7]) == [("s0", 1100), ("s1", 1100)]
+    assert (by_type["shard_fresh"]["reason"], by_type["shard_fresh"]["resident_bytes"]) == ("s0", 300)
     assert by_type["resume"]["resident_bytes"] == 300
     assert by_type["operator_pause"]["reason"] == "ops"
     assert by_type["operator_resume"]["reason"] == "ops done"
