@@ -127,6 +127,7 @@ class _Client:
         self.committed = 0
         self.train_leased: list = []
         self.reports = 0
+        self.abandoned: Callable[[], bool] = lambda: False
         # The floors (bench_floors.py): as many keys and arguments as the real calls.
         prefix = f"{_NAMESPACE}:{{{run_id}}}:floor:"
         lease_keys = [prefix + name for name in FLOOR_LEASE_KEYS]
@@ -206,6 +207,8 @@ class _Client:
         clock, monotonic = time.perf_counter, time.monotonic
         for k in range(2 * slices):
             name = "noop" if k % 2 == 0 else "op"
+            if self.abandoned():
+                raise SystemExit(1)
             delay = start_at + k * slice_s - monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -282,6 +285,8 @@ class _Client:
         out = []
         for k in range(slices):
             kind = CYCLE_KINDS[k % len(CYCLE_KINDS)]
+            if self.abandoned():
+                raise SystemExit(1)
             delay = start_at + k * slice_s - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
@@ -350,6 +355,10 @@ def _child_main(conn, url: str, index: int) -> None:
                 if client is not None:
                     client.close()
                 client = _Client(url, args[0], index)
+                # The parent sends nothing while a request runs: anything to read then
+                # (its end closed: it died, even by SIGKILL) means stop, rather than go
+                # on loading the server unowned for the rest of a long schedule.
+                client.abandoned = conn.poll
                 reply: Any = "ok"
             elif kind == "timed":
                 op, start_at, slice_s, slices, share = args
@@ -364,7 +373,10 @@ def _child_main(conn, url: str, index: int) -> None:
                 raise ValueError(f"unknown request {kind!r}")
             conn.send(("ok", reply))
     except Exception as exc:  # report to the parent instead of dying silently
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        try:
+            conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        except OSError:  # the parent is gone: nobody to tell
+            pass
     finally:
         if client is not None:
             client.close()

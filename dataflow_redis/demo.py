@@ -432,18 +432,20 @@ def _run_demo(plan: DemoPlan, redis_url: Optional[str], run_id: Optional[str], n
             cp.delete()
         return DemoResult(summary, samples)
     finally:
-        for _, p in processes:
-            if p.poll() is None:
-                p.terminate()
-        for _, p in processes:
-            try:
-                p.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        cp.redis.close()
-        if server is not None:
-            server.stop()
+        try:
+            for _, p in processes:
+                if p.poll() is None:
+                    p.terminate()
+            for _, p in processes:
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+            cp.redis.close()
+        finally:  # a signal arriving during the steps above still stops the server
+            if server is not None:
+                server.stop()
 
 
 def _status(cp: ControlPlane, server: Optional[RedisServer]) -> dict:

@@ -58,21 +58,22 @@ def _prctl() -> Optional[Callable[..., int]]:
 _PRCTL = _prctl()
 
 
+def end_with_parent(parent_pid: int) -> None:
+    """Called in a child process: it gets SIGTERM when its parent ``parent_pid`` dies,
+    even by SIGKILL (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing happens), and at
+    once if the parent is already gone. The signal comes when the thread that started
+    the child ends: start such children from the main thread."""
+    if _PRCTL is None:
+        return
+    _PRCTL(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def die_with_parent() -> Callable[[], None]:
-    """A ``preexec_fn`` for a child process of this one: the child gets SIGTERM when
-    this process dies, even by SIGKILL (Linux ``PR_SET_PDEATHSIG``; elsewhere nothing
-    happens). Start such children from the main thread: the signal comes when the
-    starting thread ends."""
+    """A ``preexec_fn`` for a child process of this one (see :func:`end_with_parent`)."""
     parent = os.getpid()
-
-    def in_child() -> None:
-        if _PRCTL is None:
-            return
-        _PRCTL(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before prctl took effect
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return in_child
+    return lambda: end_with_parent(parent)
 
 
 @contextlib.contextmanager
@@ -80,14 +81,15 @@ def exit_on_terminate() -> Iterator[None]:
     """Inside, SIGTERM and SIGHUP raise ``SystemExit(128 + signal number)`` in the main
     thread, so that ``finally`` blocks run (a private server stopped, its directory
     removed, child processes ended) as on Ctrl-C, instead of the process dying on the
-    spot (`kill`, `timeout`, a closed terminal, a cancelled CI job). A signal already
-    ignored (SIGHUP under ``nohup``) stays ignored, and once the first signal arrives
-    further ones are ignored, so they cannot cut the cleanup short. Elsewhere than in
-    the main thread it changes nothing."""
+    spot (`kill`, `timeout`, a closed terminal, a cancelled CI job). Only signals left
+    at their default are taken: one already ignored (SIGHUP under ``nohup``) stays
+    ignored, and one the program handles itself stays its own. Once the first signal
+    arrives further ones are ignored, so they cannot cut the cleanup short. Elsewhere
+    than in the main thread it changes nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    watched = [sig for sig in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) is not signal.SIG_IGN]
+    watched = [sig for sig in (signal.SIGTERM, signal.SIGHUP) if signal.getsignal(sig) is signal.SIG_DFL]
 
     def terminate(signum: int, _frame: object) -> None:
         for sig in watched:

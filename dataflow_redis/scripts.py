@@ -390,7 +390,7 @@ def translate_error(exc: redis.ResponseError) -> errors.DataflowError:
         # undo what the script wrote before that command.
         return errors.AuthenticationFailed(
             f"the Redis user may not run a command this call needs ({message.split(' script: ')[0]}); "
-            "writes the call made before it stay. Grant the ACL line in docs/reliability.md")
+            "any writes the call made before it stay. Grant the ACL line in docs/reliability.md")
     if isinstance(exc, redis.exceptions.OutOfMemoryError) or "used memory > 'maxmemory'" in message:
         return errors.OutOfMemory(
             "Redis is at its maxmemory and refuses writes that add data (maxmemory-policy "

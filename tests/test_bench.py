@@ -248,3 +248,47 @@ def test_a_pool_closed_midway_ends_its_processes_at_once(redis_url):
     assert time.monotonic() - started < 5
     assert not any(proc.is_alive() for proc in pool.procs)
     ControlPlane.from_url(redis_url, run_id, namespace=_NAMESPACE).delete()
+
+
+def test_benchmark_processes_end_with_a_parent_killed_outright(redis_url, tmp_path):
+    """On a server the benchmark does not own, its processes must not go on loading it
+    after their parent is SIGKILLed (they end with the forkserver, which ends with it)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from dataflow_redis.bench import _Pool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = _Pool(sys.argv[1], 2)\n"
+        "    pool.ask('open', sys.argv[2])\n"
+        "    pool.send('cycle_slices', time.monotonic(), 1.0, 30, 1)\n"
+        "    print(' '.join(str(p.pid) for p in pool.procs), flush=True)\n"
+        "    time.sleep(60)\n")
+    run_id = f"orphan-{time.time_ns()}"
+    parent = subprocess.Popen([sys.executable, str(script), redis_url, run_id], stdout=subprocess.PIPE, text=True)
+    try:
+        children = [int(pid) for pid in parent.stdout.readline().split()]
+        assert len(children) == 2
+        time.sleep(0.5)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(os.path.exists(f"/proc/{pid}") and
+                                                   " Z " not in open(f"/proc/{pid}/stat").read()
+                                                   for pid in children):
+            time.sleep(0.1)
+        alive = [pid for pid in children if os.path.exists(f"/proc/{pid}")
+                 and " Z " not in open(f"/proc/{pid}/stat").read()]
+        for pid in alive:
+            os.kill(pid, signal.SIGKILL)
+        assert not alive, "benchmark processes outlived their parent"
+    finally:
+        parent.kill()
+        from dataflow_redis import ControlPlane
+        from dataflow_redis.bench import _NAMESPACE
+        ControlPlane.from_url(redis_url, run_id, namespace=_NAMESPACE).delete()
