@@ -27,6 +27,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
+from redis.cluster import RedisCluster
 from redis.retry import Retry
 
 from . import _args
@@ -53,11 +54,15 @@ INGEST_CHUNK = 1000
 """Tasks per ingest script call: keeps each atomic step short (ingest is idempotent per id)."""
 
 
-def connect(url: str, **kwargs: Any) -> redis.Redis:
+def connect(url: str, **kwargs: Any) -> Any:
     """A Redis client for ``url`` (redis://, rediss://, unix://; user and password in the
     URL), decoding replies. redis-py itself does not retry: the control plane's bounded
     retry (:class:`~dataflow_redis.scripts.Retry`) covers every call it makes, and a
-    redis-py retry under it would let one try wait two socket timeouts."""
+    redis-py retry under it would let one try wait two socket timeouts.
+
+    A URL naming a node of a Redis Cluster gives a ``RedisCluster`` client (asked with
+    one ``INFO cluster``; if that fails, for a server down or an ACL without INFO, a
+    plain client, whose first call reports the problem), so runs on every node work."""
     # No health check either: its PING is refused while Redis cannot persist (MISCONF),
     # which would fail reads that work, and a dead pooled connection costs one immediate
     # retry anyway.
@@ -88,9 +93,24 @@ def connect(url: str, **kwargs: Any) -> redis.Redis:
                 f"bad Redis URL: database {database!r} is not a number; use redis://host:port/<db number>")
     options.update(kwargs)
     try:
-        return redis.Redis.from_url(url, **options)
+        client = redis.Redis.from_url(url, **options)
     except ValueError as exc:  # from redis-py (a bad port, query option, ...)
         raise InvalidArgument(f"bad Redis URL: {exc}; {usage}") from None
+    if parts.scheme == "unix" or not _is_cluster_node(client):
+        return client
+    client.close()
+    if unquote(parts.path).strip("/") not in ("", "0"):
+        raise InvalidArgument("bad Redis URL: a Redis Cluster has database 0 only; end the URL with /0")
+    return RedisCluster.from_url(url, **options)
+
+
+def _is_cluster_node(client: redis.Redis) -> bool:
+    try:
+        return int(client.info("cluster").get("cluster_enabled", 0)) == 1
+    except redis.ResponseError as exc:  # a URL with a database > 0: SELECT refused
+        return "cluster mode" in str(exc)
+    except (redis.RedisError, OSError, ValueError):
+        return False
 
 class ControlPlane:
     """One run's control plane. Cheap to create; safe to share between threads (the
@@ -372,9 +392,12 @@ class ControlPlane:
         none, or when Redis does not allow CONFIG GET, as managed services often do).
         Today: an eviction policy other than noeviction under a maxmemory limit, which
         lets Redis drop queue, lease and marker keys without an error."""
+        # On a cluster, the node that holds this run's slot.
+        node = ({"target_nodes": self.redis.get_node_from_key(self.keys.config)}
+                if isinstance(self.redis, RedisCluster) else {})
         try:
-            memory = self.redis.config_get("maxmemory")
-            policy = self.redis.config_get("maxmemory-policy")
+            memory = self.redis.config_get("maxmemory", **node)
+            policy = self.redis.config_get("maxmemory-policy", **node)
         except redis.RedisError:
             return []
         limit = int(_args.text(memory.get("maxmemory", "0")) or 0)

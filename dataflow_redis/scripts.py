@@ -9,8 +9,9 @@ the keys it touches (names from :mod:`dataflow_redis.keys`). The loader
   scripts say ``K.pending`` and the Python side builds KEYS from the same header:
   the two can never disagree (:func:`bind_keys`);
 * keeps each script as a redis-py ``Script`` (its SHA1 and source); calls go out as
-  EVALSHA, and a NOSCRIPT reply loads the script and sends the call again, so a
-  SCRIPT FLUSH or a failover to a server that never saw the script recovers by itself.
+  EVALSHA, and a NOSCRIPT reply sends the call again as EVAL with the source (which
+  caches it), so a SCRIPT FLUSH or a failover to a server that never saw the script
+  recovers by itself.
 
 :class:`ScriptRunner` adds what every call needs: a request id (the reply-cache key
 that makes a retried call apply once), bounded retry with backoff on connection
@@ -158,9 +159,18 @@ def content_digest(parts: Iterable[Any]) -> str:
     return digest.hexdigest()
 
 
-RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError)
-MAX_SCRIPT_LOADS = 5
-"""Times one call loads its script again after NOSCRIPT before it gives up."""
+RETRYABLE = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.BusyLoadingError,
+             redis.exceptions.ClusterError)
+"""Failures of a call Redis did not run, or whose reply was lost. ClusterError: a
+RedisCluster client that ran out of redirects or TRYAGAIN answers (a slot migrating
+under the run: a script that creates a key, as the reply cache does, is answered
+TRYAGAIN until the migration ends)."""
+
+
+def cluster_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` is a RedisCluster client finding no node it can reach (every
+    node down or restarting): passing, like a lost connection."""
+    return isinstance(exc, redis.exceptions.RedisClusterException) and "cannot be connected" in str(exc)
 
 
 class Retry:
@@ -184,6 +194,10 @@ class Retry:
         now = time.monotonic()
         elapsed = now - self.started
         if elapsed >= self.retry_s:
+            if isinstance(exc, redis.exceptions.ClusterError) and not isinstance(exc, redis.ResponseError):
+                raise errors.ConnectionFailed(
+                    f"the Redis Cluster kept redirecting the call or asking it to try again for {elapsed:.1f}s "
+                    f"({exc}): a slot migration or failover is under way; check redis-cli --cluster check") from None
             if isinstance(exc, redis.exceptions.ReadOnlyError):
                 raise errors.ConnectionFailed(
                     f"Redis answered as a read-only replica for {elapsed:.1f}s ({exc}); point the "
@@ -252,27 +266,18 @@ class ScriptRunner:
         script = self._scripts[name]
         # EVALSHA straight through the client: redis-py's Script wrapper costs several
         # microseconds a call. A NOSCRIPT (SCRIPT FLUSH, a failover to a server that
-        # never saw the script) loads it and tries again, as the wrapper would.
+        # never saw the script) is answered below.
         command = ("EVALSHA", script.sha, len(keys), *keys, *args)
         execute = self.client.execute_command
         retry = None
-        load = False
-        loads = 0
         while True:
             try:
-                if load:
-                    script.sha = self.client.script_load(script.script)
-                    command = ("EVALSHA", script.sha, *command[2:])
-                    load = False
                 return execute(*command)
             except redis.exceptions.NoScriptError:
-                loads += 1
-                if loads > MAX_SCRIPT_LOADS:
-                    raise errors.ScriptError(
-                        f"Redis forgot script {name} {MAX_SCRIPT_LOADS} times in one call (NOSCRIPT right "
-                        "after SCRIPT LOAD); something runs SCRIPT FLUSH in a loop, or the nodes behind "
-                        "this URL keep changing") from None
-                load = True
+                # Send the source once: EVAL runs the call and caches the script on the
+                # node that serves these keys (SCRIPT LOAD on a RedisCluster goes to
+                # every primary and fails while any is down). The next call is EVALSHA.
+                command = ("EVAL", script.script, *command[2:])
             except redis.exceptions.ReadOnlyError as exc:
                 # A replica: the primary failed over, or the URL names a replica. A
                 # script fails at its first write there, so nothing was written.
@@ -294,6 +299,11 @@ class ScriptRunner:
             except redis.AuthenticationError as exc:
                 raise auth_failed(str(exc)) from None
             except RETRYABLE as exc:
+                retry = retry or Retry(self.retry_s, started)
+                retry.wait(exc)
+            except redis.exceptions.RedisClusterException as exc:
+                if not cluster_unreachable(exc):
+                    raise
                 retry = retry or Retry(self.retry_s, started)
                 retry.wait(exc)
 
@@ -323,6 +333,10 @@ class ScriptRunner:
             except redis.AuthenticationError as exc:
                 raise auth_failed(str(exc)) from None
             except RETRYABLE as exc:
+                retry.wait(exc)
+            except redis.exceptions.RedisClusterException as exc:
+                if not cluster_unreachable(exc):
+                    raise
                 retry.wait(exc)
 
 

@@ -78,7 +78,8 @@ def test_a_cluster_client_keeps_its_settings_for_trainers_and_retries_a_cluster_
                                                                                               monkeypatch):
     """A trainer on a RedisCluster client waits in slices of its socket timeout (the
     settings live in the nodes manager, not a pool), and CLUSTERDOWN / TRYAGAIN (a
-    slot without its master, a slot being moved) are retried, not reported as a bug."""
+    slot without its master, a slot being moved), no node reachable and redirects
+    exhausted are retried, not reported as a bug."""
     import redis as redis_module
 
     host, port = cluster.get_default_node().host, cluster.get_default_node().port
@@ -87,7 +88,12 @@ def test_a_cluster_client_keeps_its_settings_for_trainers_and_retries_a_cluster_
         cp = ControlPlane(client, run_id=run_id)
         assert cp.trainer("tr")._block_slice_s == pytest.approx(0.8)
         failures = iter([redis_module.exceptions.ClusterDownError("CLUSTERDOWN The cluster is down"),
-                         redis_module.exceptions.TryAgainError("TRYAGAIN Multiple keys request during rehashing")])
+                         redis_module.exceptions.TryAgainError("TRYAGAIN Multiple keys request during rehashing"),
+                         # every node down or restarting, as the cluster client says it
+                         redis_module.exceptions.RedisClusterException(
+                             "Redis Cluster cannot be connected. Please provide at least one reachable node"),
+                         # redirects or TRYAGAIN answers beyond redis-py's own 16 tries
+                         redis_module.exceptions.ClusterError("TTL exhausted.")])
         real = client.execute_command
 
         def flaky(*args, **kwargs):
@@ -101,3 +107,93 @@ def test_a_cluster_client_keeps_its_settings_for_trainers_and_retries_a_cluster_
         assert next(failures, "used") == "used"
     finally:
         client.close()
+
+
+def _node_url(cluster) -> str:
+    node = cluster.get_default_node()
+    return f"redis://{node.host}:{node.port}/0"
+
+
+def test_a_url_naming_any_node_reaches_runs_on_every_node(cluster):
+    """from_url and the CLI see a cluster node and use a cluster client: runs whose
+    slots live on other nodes work, and `runs` lists the runs of every node."""
+    from conftest import cli_runner
+    from dataflow_redis import InvalidArgument
+    from dataflow_redis.cli import EXIT_BAD_VALUE, main
+
+    url = _node_url(cluster)
+    run_ids = [f"any-node-{i}" for i in range(6)]
+    assert len({cluster.get_node_from_key(ControlPlane(cluster, r).keys.config).name for r in run_ids}) > 1
+    for run_id in run_ids:
+        cp = ControlPlane.from_url(url, run_id)
+        assert isinstance(cp.redis, RedisCluster)
+        assert cp.ingest_prompts([{"task_id": "t0"}]) == ["t0"] and cp.is_done(["t0"]) == [False]
+    runner = cli_runner(env={"DATAFLOW_REDIS_URL": None, "DATAFLOW_RUN": None, "DATAFLOW_NAMESPACE": None})
+    listed = runner.invoke(main, ["--redis-url", url, "runs"])
+    assert listed.exit_code == 0 and all(r in listed.stdout for r in run_ids), listed.output
+    for run_id in run_ids:
+        shown = runner.invoke(main, ["--redis-url", url, "--run", run_id, "status", "--json"])
+        assert shown.exit_code == 0 and '"prompts": 1' in shown.stdout, shown.output
+    other_db = runner.invoke(main, ["--redis-url", url[:-1] + "3", "--run", run_ids[0], "status"])
+    assert other_db.exit_code == EXIT_BAD_VALUE and "a Redis Cluster has database 0 only" in other_db.stderr
+    with pytest.raises(InvalidArgument, match="database 0 only"):
+        ControlPlane.from_url(url[:-1] + "3", run_ids[0])
+    for run_id in run_ids:
+        ControlPlane(cluster, run_id).delete()
+
+
+def test_calls_ride_through_a_migration_of_their_slot(cluster):
+    """While the run's slot moves to another node, a script that creates a key (the
+    reply cache) is answered TRYAGAIN until the move ends; the call waits it out
+    (redis-py gives up after 16 redirects) and applies once."""
+    import threading
+
+    cp = ControlPlane.from_url(_node_url(cluster), f"moving-{time.time_ns()}", retry_s=20)
+    cp.ingest_prompts([{"task_id": f"t{i}"} for i in range(20)])
+    key = cp.keys.config
+    slot = cluster.keyslot(key)
+    source = cluster.get_node_from_key(key)
+    target = next(n for n in cluster.get_primaries() if n.name != source.name)
+    direct = {n.name: redis.Redis(host=n.host, port=n.port, decode_responses=True) for n in cluster.get_primaries()}
+    ids = {name: client.execute_command("CLUSTER", "MYID") for name, client in direct.items()}
+    direct[target.name].execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[source.name])
+    direct[source.name].execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", ids[target.name])
+
+    def finish_the_move():
+        keys = direct[source.name].execute_command("CLUSTER", "GETKEYSINSLOT", slot, 1000)
+        direct[source.name].execute_command("MIGRATE", target.host, target.port, "", 0, 5000, "KEYS", *keys)
+        for name in (target.name, source.name, *[n for n in direct if n not in (target.name, source.name)]):
+            direct[name].execute_command("CLUSTER", "SETSLOT", slot, "NODE", ids[target.name])
+
+    mover = threading.Timer(1.5, finish_the_move)
+    mover.start()
+    try:
+        started = time.monotonic()
+        assert cp.ingest_prompts([{"task_id": "during-the-move"}]) == ["during-the-move"]
+        assert time.monotonic() - started >= 1.0, "the call did not meet the migration"
+        mover.join()
+        assert cp.status()["prompts"] == 21
+        count = ("CLUSTER", "COUNTKEYSINSLOT", slot)
+        assert direct[source.name].execute_command(*count) == 0 and direct[target.name].execute_command(*count) > 0
+    finally:
+        mover.join()
+        for client in direct.values():
+            client.close()
+    cp.delete()
+
+
+def test_server_warnings_ask_the_node_that_holds_the_run(cluster):
+    run_ids = [f"warn-{i}" for i in range(6)]
+    owners = {r: cluster.get_node_from_key(ControlPlane(cluster, r).keys.config) for r in run_ids}
+    risky = owners[run_ids[0]]
+    safe_run = next(r for r in run_ids if owners[r].name != risky.name)
+    node = redis.Redis(host=risky.host, port=risky.port)
+    node.config_set("maxmemory", "100mb")
+    node.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        assert "allkeys-lru" in " ".join(ControlPlane(cluster, run_ids[0]).server_warnings())
+        assert ControlPlane(cluster, safe_run).server_warnings() == []
+    finally:
+        node.config_set("maxmemory", "0")
+        node.config_set("maxmemory-policy", "noeviction")
+        node.close()
