@@ -235,7 +235,8 @@ def cli_error(exc: BaseException, target: Optional[Target]) -> click.ClickExcept
     elif isinstance(exc, redis.AuthenticationError) or (
             isinstance(exc, redis.ResponseError) and text.split(" ", 1)[0] in ("WRONGPASS", "NOAUTH")):
         return cli_error(auth_failed(text), target)
-    elif isinstance(exc, redis.ResponseError) and text.startswith("DB index is out of range"):
+    elif isinstance(exc, (redis.exceptions.MovedError, redis.exceptions.AskError)) or (
+            isinstance(exc, redis.ResponseError) and text.startswith("DB index is out of range")):
         return cli_error(translate_error(exc), target)
     elif isinstance(exc, ConnectionFailed):
         message, code = f"cannot reach Redis at {where}: {text}", EXIT_UNREACHABLE
@@ -313,7 +314,8 @@ pass_target = click.make_pass_decorator(Target)
 @click.group(cls=DataflowCli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--redis-url", envvar="DATAFLOW_REDIS_URL", default=DEFAULT_URL, show_default=True,
               metavar="URL", help="Redis URL: redis://[user:password@]host:port/db, rediss://..., "
-                                  "unix:///path/redis.sock?db=0 (env DATAFLOW_REDIS_URL).")
+                                  "unix:///path/redis.sock?db=0; add ?cluster=true for a node of a Redis "
+                                  "Cluster (env DATAFLOW_REDIS_URL).")
 @click.option("--run", "run_id", envvar="DATAFLOW_RUN", metavar="RUN_ID", help="Run id (env DATAFLOW_RUN).")
 @click.option("--namespace", envvar="DATAFLOW_NAMESPACE", default=DEFAULT_NAMESPACE, show_default=True,
               help="Key namespace of the runs (env DATAFLOW_NAMESPACE).")

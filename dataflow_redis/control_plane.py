@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, fields
 from typing import Any, Iterable, Optional
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -33,11 +33,12 @@ from redis.retry import Retry
 from . import _args
 from .capacity import CapacityReporter
 from .config import DEFAULT_MAX_RECORD_BYTES, BackpressureConfig, RunSettings, from_redis, to_redis_pairs
-from .errors import ConfigError, InvalidArgument, RecordTooLarge, steps_so_far
+from .errors import (AuthenticationFailed, ConfigError, ConnectionFailed, InvalidArgument, RecordTooLarge,
+                     steps_so_far)
 from .keys import DEFAULT_NAMESPACE, RUN_MARKERS, RunKeys
 from .records import PromptTask, SampleRef, check_refs, encode_ref, encode_task, task_from_input
 from .rollout import RolloutWorker
-from .scripts import ScriptRunner, retried_read
+from .scripts import ScriptRunner, auth_failed, retried_read
 from .status import build_status
 from .trainer import Trainer
 
@@ -60,9 +61,9 @@ def connect(url: str, **kwargs: Any) -> Any:
     retry (:class:`~dataflow_redis.scripts.Retry`) covers every call it makes, and a
     redis-py retry under it would let one try wait two socket timeouts.
 
-    A URL naming a node of a Redis Cluster gives a ``RedisCluster`` client (asked with
-    one ``INFO cluster``; if that fails, for a server down or an ACL without INFO, a
-    plain client, whose first call reports the problem), so runs on every node work."""
+    ``?cluster=true`` in the URL of any node of a Redis Cluster gives a ``RedisCluster``
+    client, which reaches runs on every node (it reads the cluster's layout at once, so
+    this form connects here; a plain client connects at its first call)."""
     # No health check either: its PING is refused while Redis cannot persist (MISCONF),
     # which would fail reads that work, and a dead pooled connection costs one immediate
     # retry anyway.
@@ -77,6 +78,7 @@ def connect(url: str, **kwargs: Any) -> Any:
         raise InvalidArgument(f"bad Redis URL: {exc}; {usage}") from None
     if url != url.strip():
         raise InvalidArgument(f"bad Redis URL: it has spaces or line breaks around it; {usage}")
+    url, parts, cluster = _take_cluster_flag(url, parts)
     # Only the scheme is quoted back: the rest may hold a password.
     if parts.scheme not in ("redis", "rediss", "unix") or not url.startswith(parts.scheme + "://"):
         # As typed (urlsplit lowercases the scheme; redis-py wants it in lower case).
@@ -92,25 +94,52 @@ def connect(url: str, **kwargs: Any) -> Any:
             raise InvalidArgument(
                 f"bad Redis URL: database {database!r} is not a number; use redis://host:port/<db number>")
     options.update(kwargs)
+    if cluster:
+        return _cluster_client(url, parts, options)
     try:
-        client = redis.Redis.from_url(url, **options)
+        return redis.Redis.from_url(url, **options)
     except ValueError as exc:  # from redis-py (a bad port, query option, ...)
         raise InvalidArgument(f"bad Redis URL: {exc}; {usage}") from None
-    if parts.scheme == "unix" or not _is_cluster_node(client):
-        return client
-    client.close()
-    if unquote(parts.path).strip("/") not in ("", "0"):
+
+
+def _take_cluster_flag(url: str, parts: Any) -> tuple[str, Any, bool]:
+    """The URL without its ``cluster=`` query option (redis-py does not know it), its
+    parts, and whether it asked for cluster mode."""
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    flags = [value.lower() for name, value in query if name == "cluster"]
+    if not flags:
+        return url, parts, False
+    if flags[-1] not in ("true", "false", "1", "0", "yes", "no"):
+        raise InvalidArgument(f"bad Redis URL: cluster={flags[-1]!r}; use cluster=true or cluster=false")
+    # Rebuilt by hand: urlunsplit would turn unix:///path into unix:/path.
+    rest = urlencode([(name, value) for name, value in query if name != "cluster"])
+    url = url.split("?", 1)[0] + ("?" + rest if rest else "")
+    return url, urlsplit(url), flags[-1] in ("true", "1", "yes")
+
+
+def _cluster_client(url: str, parts: Any, options: dict) -> RedisCluster:
+    """A RedisCluster for ``url``; it reads the cluster's layout now, so connection and
+    permission problems surface here, as the library's errors."""
+    if parts.scheme == "unix":
+        raise InvalidArgument("bad Redis URL: cluster=true needs redis:// or rediss:// (a cluster speaks TCP)")
+    database = unquote(parts.path).strip("/") or dict(parse_qsl(parts.query)).get("db", "0")
+    if database != "0":
         raise InvalidArgument("bad Redis URL: a Redis Cluster has database 0 only; end the URL with /0")
-    return RedisCluster.from_url(url, **options)
-
-
-def _is_cluster_node(client: redis.Redis) -> bool:
     try:
-        return int(client.info("cluster").get("cluster_enabled", 0)) == 1
-    except redis.ResponseError as exc:  # a URL with a database > 0: SELECT refused
-        return "cluster mode" in str(exc)
-    except (redis.RedisError, OSError, ValueError):
-        return False
+        return RedisCluster.from_url(url, **options)
+    except ValueError as exc:
+        raise InvalidArgument(f"bad Redis URL: {exc}") from None
+    except (redis.exceptions.RedisClusterException, redis.RedisError) as exc:
+        text = str(exc)
+        if "NOPERM" in text or "no permissions" in text:
+            raise AuthenticationFailed(
+                f"the Redis user may not read the cluster's layout ({text}); a cluster client needs "
+                "+cluster|slots and +command besides the ACL line in docs/reliability.md") from None
+        if isinstance(exc, redis.AuthenticationError) or any(
+                marker in text for marker in ("WRONGPASS", "NOAUTH", "invalid username-password", "Authentication")):
+            raise auth_failed(text) from None
+        raise ConnectionFailed(f"cannot reach the Redis Cluster through this URL ({text}); check that its "
+                               "nodes run and that the URL names one of them") from None
 
 class ControlPlane:
     """One run's control plane. Cheap to create; safe to share between threads (the

@@ -395,6 +395,11 @@ def auth_failed(message: str) -> errors.AuthenticationFailed:
 def translate_error(exc: redis.ResponseError) -> errors.DataflowError:
     """The library's exception for an error reply of Redis or of a script."""
     message = str(exc)
+    if isinstance(exc, (redis.exceptions.MovedError, redis.exceptions.AskError)):
+        # A plain client on a cluster node: the run's slot is served by another node.
+        return errors.InvalidArgument(
+            f"this URL names a node of a Redis Cluster and the run's keys are on another node "
+            f"({message.split(' ', 1)[-1]}); add ?cluster=true to the URL")
     if message.startswith("DB index is out of range"):
         return errors.InvalidArgument(
             "the database number in the Redis URL does not exist on this server (DB index is out of "

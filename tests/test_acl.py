@@ -24,7 +24,7 @@ USER_PASSWORD = "df-Pq4-never-printed"
 
 # Commands the Python clients send themselves.
 CLIENT_COMMANDS = ("evalsha eval blpop hgetall hget hmget hscan zmscore xrevrange exists scan "
-                   "unlink time ping hello select info")
+                   "unlink time ping hello select cluster|slots command")
 # Commands the Lua scripts call (lua/*.lua, lua/includes/*.lua).
 SCRIPT_COMMANDS = ("del exists get hdel hget hgetall hincrby hlen hmget hset hsetnx llen lpop lpush ltrim "
                    "rename rpush sadd scard set smembers spop srem time type xadd zadd zcard zcount zmscore "

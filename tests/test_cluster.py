@@ -111,12 +111,13 @@ def test_a_cluster_client_keeps_its_settings_for_trainers_and_retries_a_cluster_
 
 def _node_url(cluster) -> str:
     node = cluster.get_default_node()
-    return f"redis://{node.host}:{node.port}/0"
+    return f"redis://{node.host}:{node.port}/0?cluster=true"
 
 
 def test_a_url_naming_any_node_reaches_runs_on_every_node(cluster):
-    """from_url and the CLI see a cluster node and use a cluster client: runs whose
-    slots live on other nodes work, and `runs` lists the runs of every node."""
+    """With ?cluster=true, from_url and the CLI use a cluster client: runs whose slots
+    live on other nodes work, and `runs` lists the runs of every node. Without it, a
+    run on another node gets a clear error, not a raw MOVED."""
     from conftest import cli_runner
     from dataflow_redis import InvalidArgument
     from dataflow_redis.cli import EXIT_BAD_VALUE, main
@@ -134,10 +135,22 @@ def test_a_url_naming_any_node_reaches_runs_on_every_node(cluster):
     for run_id in run_ids:
         shown = runner.invoke(main, ["--redis-url", url, "--run", run_id, "status", "--json"])
         assert shown.exit_code == 0 and '"prompts": 1' in shown.stdout, shown.output
-    other_db = runner.invoke(main, ["--redis-url", url[:-1] + "3", "--run", run_ids[0], "status"])
-    assert other_db.exit_code == EXIT_BAD_VALUE and "a Redis Cluster has database 0 only" in other_db.stderr
+    other_db = url.replace("/0?", "/3?")
+    assert runner.invoke(main, ["--redis-url", other_db, "--run", run_ids[0], "status"]).exit_code == EXIT_BAD_VALUE
     with pytest.raises(InvalidArgument, match="database 0 only"):
-        ControlPlane.from_url(url[:-1] + "3", run_ids[0])
+        ControlPlane.from_url(other_db, run_ids[0])
+    plain = url.replace("?cluster=true", "")
+    assert type(ControlPlane.from_url(url.replace("=true", "=false"), run_ids[0]).redis) is redis.Redis
+    here = cluster.get_default_node().name
+    for run_id in run_ids:
+        cp = ControlPlane.from_url(plain, run_id)
+        if cluster.get_node_from_key(cp.keys.config).name == here:
+            assert cp.status()["prompts"] == 1
+        else:
+            with pytest.raises(InvalidArgument, match=r"another node .*; add \?cluster=true to the URL"):
+                cp.status()
+    moved = [runner.invoke(main, ["--redis-url", plain, "--run", r, "status"]) for r in run_ids]
+    assert any(r.exit_code == EXIT_BAD_VALUE and "add ?cluster=true to the URL" in r.stderr for r in moved)
     for run_id in run_ids:
         ControlPlane(cluster, run_id).delete()
 
