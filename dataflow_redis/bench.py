@@ -53,6 +53,7 @@ from .bench_floors import FLOOR_COMMIT, FLOOR_COMMIT_KEYS, FLOOR_LEASE, FLOOR_LE
 from .cli import FiniteFloatRange
 from .config import BackpressureConfig
 from .control_plane import ControlPlane, connect
+from .errors import InvalidArgument
 from .keys import validate_item_id
 from .records import (
     FeatureSpec,
@@ -490,6 +491,11 @@ class Bench:
         self.floor_rounds = floor_rounds
         self.say = say
         self.redis = connect(url)
+        if int(self.redis.info("cluster").get("cluster_enabled", 0)):
+            self.redis.close()
+            raise InvalidArgument("the benchmark measures one standalone redis-server (its time and memory "
+                                  "figures come from that server's INFO); point --redis-url at one, or leave "
+                                  "it out to benchmark a private server")
         self.runs: list[ControlPlane] = []
 
     def new_run(self, label: str) -> ControlPlane:
@@ -1136,6 +1142,8 @@ def bench_command(ctx, redis_url, as_json, quick, sections, seconds, processes, 
                            floor_rounds)
     except (redis.ConnectionError, redis.AuthenticationError) as exc:
         raise click.ClickException(f"cannot reach Redis: {exc}") from None
+    except InvalidArgument as exc:
+        raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(result, indent=1))
     else:

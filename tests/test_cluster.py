@@ -210,3 +210,15 @@ def test_server_warnings_ask_the_node_that_holds_the_run(cluster):
         node.config_set("maxmemory", "0")
         node.config_set("maxmemory-policy", "noeviction")
         node.close()
+
+
+def test_the_benchmark_refuses_a_cluster_node(cluster):
+    """Its figures come from one server's INFO: on a cluster node they would be another
+    node's, so it says what to point it at instead."""
+    from dataflow_redis import InvalidArgument
+    from dataflow_redis.bench import run_bench
+
+    plain = _node_url(cluster).replace("?cluster=true", "")
+    for url in (plain, _node_url(cluster)):
+        with pytest.raises(InvalidArgument, match="measures one standalone redis-server"):
+            run_bench(url, quick=True, sections=("memory",))
