@@ -173,6 +173,11 @@ def cluster_unreachable(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.RedisClusterException) and "cannot be connected" in str(exc)
 
 
+MAYBE_PASSING = (*RETRYABLE, redis.exceptions.RedisClusterException)
+"""What a retry loop catches: RETRYABLE, and RedisClusterException, retried only when
+:func:`cluster_unreachable` (its other forms are raised again)."""
+
+
 class Retry:
     """One call's retry budget: tries go on until ``retry_s`` seconds have passed since
     the call began. The first retry follows at once (a pooled connection that was
@@ -298,11 +303,8 @@ class ScriptRunner:
                 ) from None
             except redis.AuthenticationError as exc:
                 raise auth_failed(str(exc)) from None
-            except RETRYABLE as exc:
-                retry = retry or Retry(self.retry_s, started)
-                retry.wait(exc)
-            except redis.exceptions.RedisClusterException as exc:
-                if not cluster_unreachable(exc):
+            except MAYBE_PASSING as exc:
+                if not (isinstance(exc, RETRYABLE) or cluster_unreachable(exc)):
                     raise
                 retry = retry or Retry(self.retry_s, started)
                 retry.wait(exc)
@@ -332,10 +334,8 @@ class ScriptRunner:
                 retry.wait(exc)
             except redis.AuthenticationError as exc:
                 raise auth_failed(str(exc)) from None
-            except RETRYABLE as exc:
-                retry.wait(exc)
-            except redis.exceptions.RedisClusterException as exc:
-                if not cluster_unreachable(exc):
+            except MAYBE_PASSING as exc:
+                if not (isinstance(exc, RETRYABLE) or cluster_unreachable(exc)):
                     raise
                 retry.wait(exc)
 

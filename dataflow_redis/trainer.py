@@ -23,7 +23,7 @@ import redis
 from . import _args
 from .holder import LeaseHolder
 from .records import SampleRef, decode_ref
-from .scripts import RETRYABLE, cluster_unreachable, is_transient, translate_error
+from .scripts import MAYBE_PASSING, RETRYABLE, cluster_unreachable, is_transient, translate_error
 
 if TYPE_CHECKING:
     from .control_plane import ControlPlane
@@ -72,13 +72,13 @@ class Trainer(LeaseHolder):
                 return refs
             try:
                 self.cp.redis.blpop([self.cp.keys.train_signal], timeout=min(remaining, self._block_slice_s))
-            except (*RETRYABLE, redis.ResponseError, redis.exceptions.RedisClusterException) as exc:
+            except (*MAYBE_PASSING, redis.ResponseError) as exc:
                 # The next lease call retries or reports a lasting problem; only errors
                 # no retry can mend (an ACL without BLPOP) are raised here.
                 if isinstance(exc, redis.ResponseError) and not (
                         is_transient(exc) or isinstance(exc, redis.exceptions.ReadOnlyError)):
                     raise translate_error(exc) from None
-                if isinstance(exc, redis.exceptions.RedisClusterException) and not cluster_unreachable(exc):
+                if not isinstance(exc, (*RETRYABLE, redis.ResponseError)) and not cluster_unreachable(exc):
                     raise
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
