@@ -75,8 +75,8 @@ class CapacityReporter:
         if self._seq + 1 >= 2**53:
             raise InvalidArgument(
                 f"shard {self.store_id!r} has used every sequence number below 2^53 (its last report "
-                f"had {self._seq}); pass seq= yourself only with small numbers, or deregister the shard "
-                "and report it under a new id")
+                f"had {self._seq}, a seq= given near the limit); report it under a new shard id (and "
+                "deregister this one)")
         self._seq += 1
         return self._seq
 
