@@ -174,8 +174,13 @@ def cluster_unreachable(exc: BaseException) -> bool:
 
 
 MAYBE_PASSING = (*RETRYABLE, redis.exceptions.RedisClusterException)
-"""What a retry loop catches: RETRYABLE, and RedisClusterException, retried only when
-:func:`cluster_unreachable` (its other forms are raised again)."""
+"""What a retry loop catches; :func:`is_passing` tells which of them to retry."""
+
+
+def is_passing(exc: BaseException) -> bool:
+    """Whether ``exc`` (caught as MAYBE_PASSING) is a lost connection or a call Redis
+    did not run, which a retry may outlive; other RedisClusterExceptions are not."""
+    return isinstance(exc, RETRYABLE) or cluster_unreachable(exc)
 
 
 class Retry:
@@ -304,7 +309,7 @@ class ScriptRunner:
             except redis.AuthenticationError as exc:
                 raise auth_failed(str(exc)) from None
             except MAYBE_PASSING as exc:
-                if not (isinstance(exc, RETRYABLE) or cluster_unreachable(exc)):
+                if not is_passing(exc):
                     raise
                 retry = retry or Retry(self.retry_s, started)
                 retry.wait(exc)
@@ -335,7 +340,7 @@ class ScriptRunner:
             except redis.AuthenticationError as exc:
                 raise auth_failed(str(exc)) from None
             except MAYBE_PASSING as exc:
-                if not (isinstance(exc, RETRYABLE) or cluster_unreachable(exc)):
+                if not is_passing(exc):
                     raise
                 retry.wait(exc)
 

@@ -23,7 +23,7 @@ import redis
 from . import _args
 from .holder import LeaseHolder
 from .records import SampleRef, decode_ref
-from .scripts import MAYBE_PASSING, RETRYABLE, cluster_unreachable, is_transient, translate_error
+from .scripts import MAYBE_PASSING, is_passing, is_transient, translate_error
 
 if TYPE_CHECKING:
     from .control_plane import ControlPlane
@@ -78,7 +78,7 @@ class Trainer(LeaseHolder):
                 if isinstance(exc, redis.ResponseError) and not (
                         is_transient(exc) or isinstance(exc, redis.exceptions.ReadOnlyError)):
                     raise translate_error(exc) from None
-                if not isinstance(exc, (*RETRYABLE, redis.ResponseError)) and not cluster_unreachable(exc):
+                if not isinstance(exc, redis.ResponseError) and not is_passing(exc):
                     raise
                 time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
