@@ -35,7 +35,10 @@ def lease_holders(cp):
 def test_sixteen_processes_latch_counts_every_crossing_once_and_caps_hold(cp, redis_url):
     workers, cap, crossings = 16, 3, 12
     low, high = 5_000, 10_000
-    cp.ingest_prompts([{"task_id": f"t{i}", "payload": i} for i in range(600)])
+    # Enough tasks that the workers never run dry while the driver crosses the
+    # watermarks (600 ran out before the pauses in a fast run: nothing left to refuse).
+    tasks = 20_000
+    cp.ingest_prompts([{"task_id": f"t{i}", "payload": i} for i in range(tasks)])
     cp.configure_backpressure(BackpressureConfig(high_watermark_bytes=high, low_watermark_bytes=low,
                                                  max_inflight_prompts_per_worker=cap))
     ctx = bp_procs.context()
@@ -90,7 +93,7 @@ def test_sixteen_processes_latch_counts_every_crossing_once_and_caps_hold(cp, re
     # The contention was real: many grants, many calls refused by the latch and the cap.
     assert figures["granted"] > workers and snap["rollout_starved"] > 0 and snap["rollout_capped"] > 0
     status = cp.status()
-    assert status["prompts_pending"] + status["prompts_leased"] + status["prompts_done"] == 600
+    assert status["prompts_pending"] + status["prompts_leased"] + status["prompts_done"] == tasks
 
 
 # ----------------------------------------------------------- bounded overshoot
